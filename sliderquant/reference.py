@@ -1,0 +1,141 @@
+"""The quantizers of ALGORITHM.md section 3 in plain PyTorch, written to be read.
+
+This module is the source of truth for the math and the oracle of the tests: the C kernels in
+``csrc/`` compute exactly these functions (up to floating-point summation order), and their
+backward passes are what autograd computes here.  It also serves CUDA tensors and machines
+without the compiled extension.
+
+Conventions shared with the C kernels:
+
+* Everything is computed in float32; a bf16 weight is widened first and the result is rounded
+  back to the input dtype (round to nearest even, as ``Tensor.to``).
+* ``round`` is round-half-to-even (``torch.round``).  The rounding of ``W / s`` uses the
+  straight-through estimator; the zero point's rounding carries no gradient (OmniQuant).
+* The clipping range comes from ``amax``/``amin`` of the whole row or group, so gradient
+  reaches the extreme elements (ties share it evenly, as ``torch.amax`` does) and the LWC
+  logits through ``sigmoid``.
+* ``quant_rate`` quantizes only a prefix of the input columns (or of the groups); the suffix
+  passes through unchanged.  The scale and zero point still come from the whole row or group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCALE_MIN = 1e-5
+SCALE_MAX = 1e4
+
+
+def quantized_prefix(width: int, quant_rate: float, group_size: int | None = None) -> int:
+    """Number of leading columns quantized at ``quant_rate`` (whole groups when grouped)."""
+    if not 0.0 <= quant_rate <= 1.0 or math.isnan(quant_rate):
+        raise ValueError(f"quant_rate must lie in [0, 1], got {quant_rate}")
+    if group_size is None or group_size == width:
+        return min(width, math.ceil(quant_rate * width))
+    n_groups = width // group_size
+    return min(n_groups, math.ceil(quant_rate * n_groups)) * group_size
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def _fake_quant_rows(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, bits: int,
+                     symmetric: bool) -> torch.Tensor:
+    """Quantize-dequantize each row of ``x`` (..., n) with the clipping range ``[lo, hi]`` (..., 1)."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        s = (torch.maximum(hi.abs(), lo.abs()) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+        q = torch.clamp(_round_ste(x / s), -(qmax + 1), qmax)
+        return q * s
+    qmax = 2 ** bits - 1
+    s = ((hi - lo) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+    z = torch.round(-lo / s)
+    q = torch.clamp(_round_ste(x / s) + z, 0, qmax)
+    return (q - z) * s
+
+
+def transformed_weight(w: torch.Tensor, channel_scale=None, lora_a=None, lora_b=None,
+                       lora_scaling: float = 1.0) -> torch.Tensor:
+    """``W * alpha + scaling * B A`` in float32: the weight that is quantized."""
+    wt = w.float()
+    if channel_scale is not None:
+        wt = wt * channel_scale.float()
+    if lora_a is not None:
+        wt = wt + lora_scaling * (lora_b.float() @ lora_a.float())
+    return wt
+
+
+def fake_quant_weight(w, bits, group_size=None, symmetric=False, lwc_upper=None, lwc_lower=None,
+                      channel_scale=None, lora_a=None, lora_b=None, lora_scaling=1.0,
+                      quant_rate=1.0):
+    """``W_hat = Q(W * alpha + s B A)`` with learnable weight clipping; returns ``w.dtype``.
+
+    ``lwc_upper``/``lwc_lower`` are logits of shape (out, 1) or (out, in // group_size);
+    ``None`` means no clipping (factor 1).
+    """
+    out_f, in_f = w.shape
+    g = in_f if group_size is None else group_size
+    n_groups = in_f // g
+    wt = transformed_weight(w, channel_scale, lora_a, lora_b, lora_scaling)
+    grouped = wt.reshape(out_f, n_groups, g)
+    hi = grouped.amax(dim=-1, keepdim=True)
+    lo = grouped.amin(dim=-1, keepdim=True)
+    if lwc_upper is not None:
+        hi = torch.sigmoid(lwc_upper.float()).reshape(out_f, n_groups, 1) * hi
+    if lwc_lower is not None:
+        lo = torch.sigmoid(lwc_lower.float()).reshape(out_f, n_groups, 1) * lo
+    wq = _fake_quant_rows(grouped, hi, lo, bits, symmetric).reshape(out_f, in_f)
+    n_q = quantized_prefix(in_f, quant_rate, group_size)
+    if n_q < in_f:
+        wq = torch.cat([wq[:, :n_q], wt[:, n_q:]], dim=1)
+    return wq.to(w.dtype)
+
+
+def fake_quant_act(x, bits, symmetric=False, channel_scale=None, quant_rate=1.0):
+    """Per-token dynamic fake quantization of ``X / alpha`` over the last dimension."""
+    xt = x.float()
+    if channel_scale is not None:
+        xt = xt / channel_scale.float()
+    hi = xt.amax(dim=-1, keepdim=True)
+    lo = xt.amin(dim=-1, keepdim=True)
+    xq = _fake_quant_rows(xt, hi, lo, bits, symmetric)
+    n_q = quantized_prefix(x.shape[-1], quant_rate)
+    if n_q < x.shape[-1]:
+        xq = torch.cat([xq[..., :n_q], xt[..., n_q:]], dim=-1)
+    return xq.to(x.dtype)
+
+
+def weight_qparams(w, bits, group_size=None, symmetric=False, lwc_upper=None, lwc_lower=None,
+                   channel_scale=None, lora_a=None, lora_b=None, lora_scaling=1.0):
+    """Integer codes, scales and zero points of the fully quantized weight (no gradient).
+
+    Returns ``(q, scale, zero)``: ``q`` int16 (out, in) in ``[0, 2^b - 1]`` (asymmetric) or
+    ``[-2^(b-1), 2^(b-1) - 1]`` (symmetric), ``scale`` and ``zero`` float32 (out, n_groups);
+    ``zero`` is all zeros when symmetric.  ``(q - zero) * scale`` equals ``fake_quant_weight``.
+    """
+    with torch.no_grad():
+        out_f, in_f = w.shape
+        g = in_f if group_size is None else group_size
+        n_groups = in_f // g
+        wt = transformed_weight(w, channel_scale, lora_a, lora_b, lora_scaling).reshape(out_f, n_groups, g)
+        hi = wt.amax(dim=-1, keepdim=True)
+        lo = wt.amin(dim=-1, keepdim=True)
+        if lwc_upper is not None:
+            hi = torch.sigmoid(lwc_upper.float()).reshape(out_f, n_groups, 1) * hi
+        if lwc_lower is not None:
+            lo = torch.sigmoid(lwc_lower.float()).reshape(out_f, n_groups, 1) * lo
+        if symmetric:
+            qmax = 2 ** (bits - 1) - 1
+            s = (torch.maximum(hi.abs(), lo.abs()) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+            z = torch.zeros_like(s)
+            q = torch.clamp(torch.round(wt / s), -(qmax + 1), qmax)
+        else:
+            qmax = 2 ** bits - 1
+            s = ((hi - lo) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+            z = torch.round(-lo / s)
+            q = torch.clamp(torch.round(wt / s) + z, 0, qmax)
+        return (q.reshape(out_f, in_f).to(torch.int16), s.reshape(out_f, n_groups),
+                z.reshape(out_f, n_groups))
