@@ -1,0 +1,206 @@
+"""``QuantConfig``: every setting of a quantization run, readable from YAML.
+
+Learning rates are given per sample, as in the authors' configs: the optimizer uses
+``lr * batch_size`` for every parameter group (their code multiplies each group's learning rate by
+the mini-batch size), unless ``scale_lr_by_batch`` is false.
+
+The YAML may use our names or the authors' ones (deep-optimization/SliderQuant, ``main.py``):
+
+=================  ===========================================================================
+authors' key       meaning here
+=================  ===========================================================================
+wbits, abits       weight / activation bits (16 = not quantized)
+group_size         weight group size; null = per output channel
+epochs             total epochs, split evenly between the stages (their ``epochs // quant_step``)
+nsamples           calibration sequences
+batch_size         mini-batch size (and the learning-rate multiplier)
+num_layer          size of the intermediate sliding window (``window_size``)
+sliding_layer      stride of the intermediate window (``stride``); null = ``num_layer``
+fill_window_size   length of both the PESW and the PCSW phase (``shallow_layers = deep_layers``)
+lora_rank          rank r of the low-rank refinement
+quant_step         number of intra-layer stages S; ratios ``k / S`` for k = 1..S
+quant_rate         the current stage's ratio in their code, overwritten by the stage list
+                   derived from ``quant_step``; accepted, must lie in (0, 1], has no effect
+lwc_lr, lora_lr,   per-sample learning rates of the clipping logits, the LoRA factors and the
+scale_lr           channel scales (0 turns a group off)
+=================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+METHODS = ("sliderquant", "omniquant", "gptq", "rtn")
+
+# Authors' keys whose meaning is a plain rename.
+_AUTHOR_RENAMES = {"num_layer": "window_size", "sliding_layer": "stride"}
+# Authors' keys that are accepted but carry no setting of ours.
+_AUTHOR_IGNORED = ("quant_rate",)
+
+
+@dataclass
+class QuantConfig:
+    method: str = "sliderquant"
+    wbits: int = 4
+    abits: int = 16
+    group_size: int | None = None
+    symmetric: bool = False
+    # calibration
+    calib: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 2
+    # optimisation
+    epochs: int = 60
+    batch_size: int = 3
+    lwc_lr: float = 0.01
+    lora_lr: float = 5e-4
+    scale_lr: float = 0.0
+    scale_lr_by_batch: bool = True
+    lora_rank: int = 4
+    autocast: str = "auto"           # auto: bf16 on CUDA, fp32 on CPU; or "bf16" / "fp32"
+    # schedule
+    shallow_layers: int = 4
+    deep_layers: int = 4
+    window_size: int = 2
+    stride: int = 1
+    windows: list[list[int]] | None = None
+    quant_rates: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    # gptq
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = False
+    gptq_block_size: int = 128
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict = {}
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _AUTHOR_RENAMES:
+                if key == "sliding_layer" and value is None:
+                    continue
+                kwargs[_AUTHOR_RENAMES[key]] = value
+            elif key == "fill_window_size":
+                kwargs["shallow_layers"] = kwargs["deep_layers"] = 0 if value is None else value
+            elif key == "quant_step":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"quant_step must be an integer >= 1, got {value!r}")
+                kwargs["quant_rates"] = [k / value for k in range(1, value + 1)]
+            elif key in _AUTHOR_IGNORED:
+                if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                    raise ValueError(f"quant_rate must lie in (0, 1], got {value!r}")
+            else:
+                raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))} "
+                                 f"(and the authors' {', '.join(_author_keys())})")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path) -> "QuantConfig":
+        import yaml
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: not valid YAML ({e})") from None
+        try:
+            return cls.from_dict(data or {})
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def replace(self, **changes) -> "QuantConfig":
+        data = self.to_dict()
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return QuantConfig.from_dict(data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that change the result (used to guard resume directories)."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    # ---- derived values -------------------------------------------------------------------
+    def optimizer_lrs(self) -> dict[str, float]:
+        factor = self.batch_size if self.scale_lr_by_batch else 1
+        return {"lwc": self.lwc_lr * factor, "lora": self.lora_lr * factor,
+                "scale": self.scale_lr * factor}
+
+    def stage_epochs(self) -> int:
+        """Epochs per stage (total split evenly, at least one)."""
+        return max(1, self.epochs // len(self.quant_rates))
+
+    # ---- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        _int("wbits", self.wbits, 1, 8)
+        _int("abits", self.abits, 2, 16)
+        if self.group_size is not None:
+            _int("group_size", self.group_size, 1)
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
+        if not isinstance(self.calib, str) or not self.calib:
+            raise ValueError(f"calib must be 'c4', 'wikitext2' or a file path, got {self.calib!r}")
+        _int("nsamples", self.nsamples, 1)
+        _int("seqlen", self.seqlen, 1)
+        _int("seed", self.seed, 0)
+        _int("epochs", self.epochs, 0)
+        _int("batch_size", self.batch_size, 1)
+        for name in ("lwc_lr", "lora_lr", "scale_lr", "gptq_damp"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        _int("lora_rank", self.lora_rank, 0)
+        if self.autocast not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"autocast must be auto, bf16 or fp32, got {self.autocast!r}")
+        _int("shallow_layers", self.shallow_layers, 0)
+        _int("deep_layers", self.deep_layers, 0)
+        _int("window_size", self.window_size, 1)
+        _int("stride", self.stride, 1)
+        if self.stride > self.window_size:
+            raise ValueError(f"stride ({self.stride}) must not exceed window_size ({self.window_size})")
+        if self.windows is not None:
+            if not isinstance(self.windows, list) or not all(
+                    isinstance(w, (list, tuple)) and w and all(isinstance(i, int) for i in w)
+                    for w in self.windows):
+                raise ValueError(f"windows must be a list of lists of layer indices, got {self.windows!r}")
+            self.windows = [list(w) for w in self.windows]
+        rates = self.quant_rates
+        if not isinstance(rates, (list, tuple)) or not rates or not all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 < r <= 1.0 for r in rates):
+            raise ValueError(f"quant_rates must be a non-empty list of ratios in (0, 1], got {rates!r}")
+        self.quant_rates = [float(r) for r in rates]
+        if self.quant_rates[-1] != 1.0:
+            raise ValueError(f"quant_rates must end with 1.0 (the last stage quantizes everything), got {rates}")
+        if any(b < a for a, b in zip(self.quant_rates, self.quant_rates[1:])):
+            raise ValueError(f"quant_rates must be non-decreasing, got {rates}")
+        _int("gptq_block_size", self.gptq_block_size, 1)
+        if not isinstance(self.gptq_act_order, bool):
+            raise ValueError(f"gptq_act_order must be true or false, got {self.gptq_act_order!r}")
+        if not isinstance(self.scale_lr_by_batch, bool):
+            raise ValueError(f"scale_lr_by_batch must be true or false, got {self.scale_lr_by_batch!r}")
+
+
+def _int(name: str, value, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
+            maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+def _author_keys() -> list[str]:
+    return sorted([*_AUTHOR_RENAMES, "fill_window_size", "quant_step", *_AUTHOR_IGNORED])

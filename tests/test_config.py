@@ -1,0 +1,70 @@
+import glob
+import os
+
+import pytest
+
+from sliderquant.config import QuantConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_presets_load_with_paper_defaults():
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+    names = {os.path.basename(p) for p in paths}
+    assert {"w4a16.yaml", "w3a16.yaml", "w2a16.yaml", "w4a16g128.yaml", "w3a16g128.yaml",
+            "w2a16g64.yaml"} <= names
+    w2 = QuantConfig.from_yaml(os.path.join(ROOT, "configs", "w2a16.yaml"))
+    assert (w2.wbits, w2.abits, w2.group_size, w2.epochs, w2.batch_size) == (2, 16, None, 60, 3)
+    assert (w2.lwc_lr, w2.lora_lr, w2.scale_lr, w2.lora_rank) == (0.01, 5e-4, 0.0, 4)
+    assert w2.quant_rates == [0.5, 1.0]
+    g64 = QuantConfig.from_yaml(os.path.join(ROOT, "configs", "w2a16g64.yaml"))
+    assert g64.group_size == 64
+    assert QuantConfig.from_yaml(os.path.join(ROOT, "configs", "w3a16g128.yaml")).group_size == 128
+
+
+def test_author_keys(tmp_path):
+    p = tmp_path / "a.yaml"
+    p.write_text("wbits: 2\nabits: 16\nepochs: 60\nbatch_size: 3\nnsamples: 128\n"
+                 "num_layer: 2\nsliding_layer: 1\nfill_window_size: 4\nlora_rank: 4\n"
+                 "quant_step: 4\nquant_rate: 0.5\nscale_lr: 0.0\nlora_lr: 0.0005\nlwc_lr: 0.01\n")
+    c = QuantConfig.from_yaml(p)
+    assert (c.window_size, c.stride, c.shallow_layers, c.deep_layers) == (2, 1, 4, 4)
+    assert c.quant_rates == [0.25, 0.5, 0.75, 1.0]
+    assert c.stage_epochs() == 15
+    # learning rates are multiplied by the batch size, as in the authors' code
+    assert c.optimizer_lrs() == pytest.approx({"lwc": 0.03, "lora": 0.0015, "scale": 0.0})
+    # sliding_layer null means "same as num_layer" in the authors' code
+    assert QuantConfig.from_dict({"num_layer": 3, "sliding_layer": None}).stride == 1
+    assert QuantConfig.from_dict({"fill_window_size": None}).shallow_layers == 0
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"wbitz": 2}, "wbitz"),
+    ({"wbits": 0}, "wbits"),
+    ({"wbits": "2"}, "wbits"),
+    ({"group_size": -1}, "group_size"),
+    ({"method": "awq"}, "method"),
+    ({"quant_rates": [0.5]}, "quant_rates"),
+    ({"quant_rates": [1.0, 0.5, 1.0]}, "quant_rates"),
+    ({"lwc_lr": -1}, "lwc_lr"),
+    ({"quant_rate": 1.5}, "quant_rate"),
+    ({"quant_step": 0}, "quant_step"),
+    ({"stride": 3, "window_size": 2}, "stride"),
+    ({"batch_size": 0}, "batch_size"),
+])
+def test_errors_name_the_key(data, key):
+    with pytest.raises(ValueError, match=key):
+        QuantConfig.from_dict(data)
+
+
+def test_yaml_error_names_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("epochs: -3\n")
+    with pytest.raises(ValueError, match="bad.yaml.*epochs"):
+        QuantConfig.from_yaml(p)
+
+
+def test_fingerprint_changes_with_settings():
+    a = QuantConfig()
+    assert a.fingerprint() == QuantConfig().fingerprint()
+    assert a.fingerprint() != a.replace(wbits=3).fingerprint()
