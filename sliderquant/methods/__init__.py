@@ -1,0 +1,1 @@
+"""Baselines that need no sliding-window training: ``rtn`` (here) and ``gptq`` (Hessian solver)."""

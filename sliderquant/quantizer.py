@@ -1,0 +1,35 @@
+"""The quantization grid and its learnable parameters (ALGORITHM.md section 3).
+
+The math itself lives in ``ops`` (C kernels, with ``reference`` as the oracle); this module holds
+what is shared by every method: the shape of the LWC logits, the check that a group size fits a
+weight, and the dequantization of stored codes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LWC_INIT = 4.0   # sigmoid(4) = 0.982: start with almost no clipping
+
+
+def n_groups(in_features: int, group_size: int | None) -> int:
+    if group_size is None or group_size == in_features:
+        return 1
+    if in_features % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the {in_features} input features "
+                         f"of a layer; choose a divisor or per-channel quantization (group_size: null)")
+    return in_features // group_size
+
+
+def lwc_logits(out_features: int, in_features: int, group_size: int | None) -> nn.Parameter:
+    return nn.Parameter(torch.full((out_features, n_groups(in_features, group_size)), LWC_INIT,
+                                   dtype=torch.float32))
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``(q - zero) * scale`` with (out, n_groups) scales broadcast over the groups' columns."""
+    out_f, in_f = q.shape
+    g = in_f // scale.shape[1]
+    w = (q.float().reshape(out_f, -1, g) - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    return w.reshape(out_f, in_f)
