@@ -1,6 +1,297 @@
-"""Autograd-aware quantization ops (placeholder: pure-torch path until the C core lands)."""
-from .reference import fake_quant_act, fake_quant_weight, quantized_prefix, weight_qparams  # noqa: F401
+"""Autograd-aware fake-quantization ops over the C kernels (``sliderquant._C``).
+
+``fake_quant_weight`` and ``fake_quant_act`` compute exactly the functions of
+:mod:`sliderquant.reference` (ALGORITHM.md section 3).  CPU tensors go through the fused C kernels,
+registered as ``torch.library`` custom ops (``sliderquant::fake_quant_weight`` and friends) so that
+they compose with autograd and ``torch.compile``; CUDA tensors, and machines where the extension
+did not build, use the pure-torch reference.
+
+NaN/Inf: a weight or activation that is not finite (after channel scaling and LoRA), or clipping
+logits that make the scale non-finite, raise ``ValueError`` on both paths; nothing is silently
+propagated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .reference import quantized_prefix, weight_qparams  # noqa: F401  (re-exported)
+
+log = logging.getLogger(__name__)
+
+try:
+    from . import _C
+    _C_ERROR: Optional[BaseException] = None
+except ImportError as exc:  # the package still works (slowly) without the extension
+    _C = None
+    _C_ERROR = exc
+    log.warning("sliderquant._C is not available (%s); using the pure-torch path", exc)
+
+_DATA_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def backend() -> str:
-    return "torch"
+    """The kernels in use for CPU tensors: ``'avx2'``, ``'ref'`` (scalar C) or ``'torch'``."""
+    if _C is None or os.environ.get("SLIDERQUANT_ISA") == "torch":
+        return "torch"
+    return _C.backend()
+
+
+def set_backend(name: str) -> None:
+    """Select the C kernel table: ``'avx2'``, ``'ref'`` or ``'auto'`` (like ``SLIDERQUANT_ISA``)."""
+    if _C is None:
+        raise RuntimeError(f"the C extension is not available: {_C_ERROR}")
+    _C.set_backend(name)
+
+
+def _use_c(t: Tensor) -> bool:
+    return _C is not None and t.device.type == "cpu" and os.environ.get("SLIDERQUANT_ISA") != "torch"
+
+
+def _nthreads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _empty() -> Tensor:
+    return torch.empty(0)
+
+
+def _raw(*tensors):
+    """Detached views for DLPack (torch refuses to export tensors that require grad)."""
+    return [t.detach() if t is not None else None for t in tensors]
+
+
+# ----------------------------------------------------------------------------- weight op (C)
+
+@torch.library.custom_op("sliderquant::fake_quant_weight", mutates_args=())
+def _wq(w: Tensor, channel_scale: Optional[Tensor], lora_a: Optional[Tensor], lora_b: Optional[Tensor],
+        lwc_upper: Optional[Tensor], lwc_lower: Optional[Tensor], bits: int, group_size: int, n_quant: int,
+        symmetric: bool, lora_scaling: float) -> Tensor:
+    out = torch.empty_like(w, memory_format=torch.contiguous_format)
+    _C.wq_forward(*_raw(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower), out, bits, group_size, n_quant,
+                  symmetric, lora_scaling, _nthreads())
+    return out
+
+
+@_wq.register_fake
+def _wq_fake(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, bits, group_size, n_quant, symmetric,
+             lora_scaling):
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sliderquant::fake_quant_weight_backward", mutates_args=())
+def _wq_bwd(grad: Tensor, w: Tensor, channel_scale: Optional[Tensor], lora_a: Optional[Tensor],
+            lora_b: Optional[Tensor], lwc_upper: Optional[Tensor], lwc_lower: Optional[Tensor], bits: int,
+            group_size: int, n_quant: int, symmetric: bool, lora_scaling: float,
+            needs: List[bool]) -> List[Tensor]:
+    params = (channel_scale, lora_a, lora_b, lwc_upper, lwc_lower)
+    outs = [torch.empty_like(p) if (p is not None and need) else None for p, need in zip(params, needs[1:])]
+    grad_wt = torch.empty(w.shape, dtype=torch.float32) if needs[0] else None
+    _C.wq_backward(*_raw(w, *params, grad), *outs, grad_wt, bits, group_size, n_quant, symmetric, lora_scaling,
+                   _nthreads())
+    if grad_wt is not None:
+        grad_w = (grad_wt * channel_scale.detach() if channel_scale is not None else grad_wt).to(w.dtype)
+    else:
+        grad_w = None
+    return [g if g is not None else _empty() for g in [grad_w] + outs]
+
+
+@_wq_bwd.register_fake
+def _wq_bwd_fake(grad, w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, bits, group_size, n_quant,
+                 symmetric, lora_scaling, needs):
+    tensors = (w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower)
+    return [torch.empty_like(t) if (t is not None and need) else w.new_empty(0) for t, need in zip(tensors, needs)]
+
+
+def _wq_setup(ctx, inputs, output):
+    w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, *scalars = inputs
+    ctx.save_for_backward(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower)
+    ctx.scalars = scalars
+
+
+def _wq_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:6]]
+    grads = _wq_bwd(grad.contiguous(), *saved, *ctx.scalars, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 5
+
+
+_wq.register_autograd(_wq_backward, setup_context=_wq_setup)
+
+
+# ----------------------------------------------------------------------------- activation op (C)
+
+@torch.library.custom_op("sliderquant::fake_quant_act", mutates_args=())
+def _aq(x: Tensor, channel_scale: Optional[Tensor], bits: int, n_quant: int, symmetric: bool) -> Tensor:
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _C.aq_forward(*_raw(x, channel_scale), out, bits, n_quant, symmetric, _nthreads())
+    return out
+
+
+@_aq.register_fake
+def _aq_fake(x, channel_scale, bits, n_quant, symmetric):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sliderquant::fake_quant_act_backward", mutates_args=())
+def _aq_bwd(grad: Tensor, x: Tensor, channel_scale: Optional[Tensor], bits: int, n_quant: int, symmetric: bool,
+            needs: List[bool]) -> List[Tensor]:
+    grad_x = torch.empty_like(x) if needs[0] else None
+    grad_cs = torch.empty_like(channel_scale) if (channel_scale is not None and needs[1]) else None
+    _C.aq_backward(*_raw(x, channel_scale, grad), grad_x, grad_cs, bits, n_quant, symmetric, _nthreads())
+    return [g if g is not None else _empty() for g in (grad_x, grad_cs)]
+
+
+@_aq_bwd.register_fake
+def _aq_bwd_fake(grad, x, channel_scale, bits, n_quant, symmetric, needs):
+    return [torch.empty_like(x) if needs[0] else x.new_empty(0),
+            torch.empty_like(channel_scale) if (channel_scale is not None and needs[1]) else x.new_empty(0)]
+
+
+def _aq_setup(ctx, inputs, output):
+    x, channel_scale, *scalars = inputs
+    ctx.save_for_backward(x, channel_scale)
+    ctx.scalars = scalars
+
+
+def _aq_backward(ctx, grad):
+    x, channel_scale = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:2]]
+    grads = _aq_bwd(grad.contiguous(), x, channel_scale, *ctx.scalars, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 3
+
+
+_aq.register_autograd(_aq_backward, setup_context=_aq_setup)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    return bits
+
+
+def _check_rate(quant_rate) -> float:
+    rate = float(quant_rate)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"quant_rate must lie in [0, 1], got {quant_rate!r}")
+    return rate
+
+
+def _check_data(t, name: str, min_dim: int = 1) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _DATA_DTYPES:
+        raise TypeError(f"{name} must be float32 or bfloat16, got {t.dtype}")
+    if t.dim() < min_dim or t.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty tensor with at least {min_dim} dimension(s), got shape "
+                         f"{tuple(t.shape)}")
+    return t
+
+
+def _param(t: Optional[Tensor], name: str, shape: tuple, ref: Tensor) -> Optional[Tensor]:
+    """A learnable parameter as contiguous float32 (differentiably), after checking its shape and device."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {ref.device}")
+    if tuple(t.shape) != shape:
+        if t.numel() == math.prod(shape) and t.dim() <= len(shape):
+            t = t.reshape(shape)
+        else:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    return t.float().contiguous()
+
+
+def _check_finite(t: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} contains NaN or Inf; quantization needs finite values")
+
+
+# ----------------------------------------------------------------------------- public API
+
+def fake_quant_weight(w: Tensor, bits: int, group_size: Optional[int] = None, symmetric: bool = False,
+                      lwc_upper: Optional[Tensor] = None, lwc_lower: Optional[Tensor] = None,
+                      channel_scale: Optional[Tensor] = None, lora_a: Optional[Tensor] = None,
+                      lora_b: Optional[Tensor] = None, lora_scaling: float = 1.0,
+                      quant_rate: float = 1.0) -> Tensor:
+    """Fake-quantize a weight: ``Q(W * channel_scale + lora_scaling * lora_b @ lora_a)``.
+
+    Args:
+        w: (out_features, in_features), float32 or bfloat16; the result has the same dtype.
+        bits: 2 to 8.
+        group_size: columns per quantization group (must divide in_features); ``None`` = per channel.
+        symmetric: symmetric grid without zero point instead of the default asymmetric one.
+        lwc_upper, lwc_lower: learnable clipping logits, (out_features, n_groups); ``None`` = no clipping.
+        channel_scale: (in_features,) per-input-channel scale ``alpha``.
+        lora_a, lora_b: low-rank refinement, (r, in_features) and (out_features, r).
+        quant_rate: only the first ``ceil(rate * in_features)`` columns (or ``ceil(rate * n_groups)``
+            groups) are quantized; the rest pass through.  Scales come from whole rows/groups.
+
+    Differentiable in ``w`` and every parameter (straight-through rounding, ALGORITHM.md section 3).
+    """
+    bits = _check_bits(bits)
+    w = _check_data(w, "w", 2)
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
+    out_f, in_f = w.shape
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
+        if in_f % group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features {in_f}")
+        if group_size == in_f:
+            group_size = None
+    n_groups = 1 if group_size is None else in_f // group_size
+    n_quant = quantized_prefix(in_f, _check_rate(quant_rate), group_size)
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_a and lora_b must be given together")
+    if lora_a is not None:
+        if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[0] != lora_b.shape[1]:
+            raise ValueError(f"lora_a must be (r, {in_f}) and lora_b ({out_f}, r), got {tuple(lora_a.shape)} and "
+                             f"{tuple(lora_b.shape)}")
+        rank = lora_a.shape[0]
+        if rank < 1 or (_C is not None and rank > _C.MAX_RANK):
+            raise ValueError(f"LoRA rank must be from 1 to 64, got {rank}")
+        lora_a = _param(lora_a, "lora_a", (rank, in_f), w)
+        lora_b = _param(lora_b, "lora_b", (out_f, rank), w)
+    channel_scale = _param(channel_scale, "channel_scale", (in_f,), w)
+    lwc_upper = _param(lwc_upper, "lwc_upper", (out_f, n_groups), w)
+    lwc_lower = _param(lwc_lower, "lwc_lower", (out_f, n_groups), w)
+    lora_scaling = float(lora_scaling)
+    if not _use_c(w):
+        _check_finite(w, "the weight")
+        return reference.fake_quant_weight(w, bits, group_size, symmetric, lwc_upper, lwc_lower, channel_scale,
+                                           lora_a, lora_b, lora_scaling, quant_rate)
+    return _wq(w.contiguous(), channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, bits, group_size or 0,
+               n_quant, bool(symmetric), lora_scaling)
+
+
+def fake_quant_act(x: Tensor, bits: int, symmetric: bool = False, channel_scale: Optional[Tensor] = None,
+                   quant_rate: float = 1.0) -> Tensor:
+    """Per-token dynamic fake quantization of ``x / channel_scale`` over the last dimension.
+
+    ``x`` is (..., d), float32 or bfloat16; only the first ``ceil(rate * d)`` channels are quantized.
+    Differentiable in ``x`` and ``channel_scale`` (straight-through rounding).
+    """
+    bits = _check_bits(bits)
+    x = _check_data(x, "x", 1)
+    d = x.shape[-1]
+    n_quant = quantized_prefix(d, _check_rate(quant_rate))
+    channel_scale = _param(channel_scale, "channel_scale", (d,), x)
+    if not _use_c(x):
+        _check_finite(x, "the activation")
+        return reference.fake_quant_act(x, bits, symmetric, channel_scale, quant_rate)
+    return _aq(x.contiguous(), channel_scale, bits, n_quant, bool(symmetric))

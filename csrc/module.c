@@ -1,0 +1,697 @@
+/*
+ * module.c: sliderquant._C, the only file that includes Python.h.
+ *
+ * Turns any object with __dlpack__ (torch tensors, numpy arrays, ...) into a borrowed view,
+ * validates device, dtype, shape, contiguity, writability and aliasing, raises a precise
+ * TypeError/ValueError on anything wrong, then runs the kernel with the GIL released.
+ * Keyword arguments and autograd live in the Python wrapper (sliderquant/ops.py); here every
+ * function takes positional arguments (METH_FASTCALL).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "sq_dlpack.h"
+#include "sq_kernels.h"
+
+typedef struct {
+    const sq_kernel_table *kernels;
+} module_state;
+
+/* ------------------------------------------------------------------ DLPack views */
+
+typedef struct {
+    const char *name;
+    PyObject *capsule; /* owned; renamed to used_* once taken */
+    void *managed;     /* SQ_DLManagedTensor* or SQ_DLManagedTensorVersioned* */
+    int versioned;
+    int readonly;
+    SQ_DLTensor *t;
+    char *data;
+    int64_t numel;
+    int64_t nbytes;
+} view;
+
+static void view_release(view *v) {
+    if (v->managed) {
+        if (v->versioned) {
+            SQ_DLManagedTensorVersioned *m = (SQ_DLManagedTensorVersioned *)v->managed;
+            if (m->deleter) m->deleter(m);
+        } else {
+            SQ_DLManagedTensor *m = (SQ_DLManagedTensor *)v->managed;
+            if (m->deleter) m->deleter(m);
+        }
+        v->managed = NULL;
+    }
+    Py_CLEAR(v->capsule);
+}
+
+static PyObject *call_dlpack(PyObject *obj, const char *name) {
+    PyObject *meth = PyObject_GetAttrString(obj, "__dlpack__");
+    if (!meth) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must be a tensor supporting DLPack (__dlpack__), got %s",
+                     name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyObject *kwargs = Py_BuildValue("{s:(ii)}", "max_version", SQ_DLPACK_MAJOR, SQ_DLPACK_MINOR);
+    PyObject *args = PyTuple_New(0);
+    PyObject *cap = (kwargs && args) ? PyObject_Call(meth, args, kwargs) : NULL;
+    Py_XDECREF(kwargs);
+    Py_XDECREF(args);
+    if (!cap && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        /* a producer older than DLPack 1.0 does not know max_version */
+        PyErr_Clear();
+        cap = PyObject_CallNoArgs(meth);
+    }
+    Py_DECREF(meth);
+    if (!cap) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        PyErr_Format(PyExc_TypeError, "argument '%s' could not be exported through DLPack: %S", name,
+                     value ? value : Py_None);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+    }
+    return cap;
+}
+
+static int check_contiguous(const view *v) {
+    const SQ_DLTensor *t = v->t;
+    if (!t->strides) return 1;
+    int64_t expected = 1;
+    for (int d = t->ndim - 1; d >= 0; --d) {
+        if (t->shape[d] != 1 && t->strides[d] != expected) return 0;
+        expected *= t->shape[d];
+    }
+    return 1;
+}
+
+/* Takes obj's DLPack capsule; on failure sets an exception and leaves v empty. */
+static int view_import(PyObject *obj, const char *name, int writable, view *v) {
+    memset(v, 0, sizeof *v);
+    v->name = name;
+    PyObject *cap = call_dlpack(obj, name);
+    if (!cap) return -1;
+    v->capsule = cap;
+    if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
+        SQ_DLManagedTensorVersioned *m = PyCapsule_GetPointer(cap, "dltensor_versioned");
+        if (m->version.major != SQ_DLPACK_MAJOR) {
+            /* a newer major version may change the struct: do not take ownership */
+            PyErr_Format(PyExc_TypeError, "argument '%s': DLPack version %u.%u is not supported (need 1.x)", name,
+                         m->version.major, m->version.minor);
+            Py_CLEAR(v->capsule);
+            return -1;
+        }
+        if (PyCapsule_SetName(cap, "used_dltensor_versioned") < 0) {
+            Py_CLEAR(v->capsule);
+            return -1;
+        }
+        v->managed = m;
+        v->versioned = 1;
+        v->readonly = (m->flags & SQ_DLPACK_FLAG_READ_ONLY) != 0;
+        v->t = &m->dl_tensor;
+    } else if (PyCapsule_IsValid(cap, "dltensor")) {
+        SQ_DLManagedTensor *m = PyCapsule_GetPointer(cap, "dltensor");
+        if (PyCapsule_SetName(cap, "used_dltensor") < 0) {
+            Py_CLEAR(v->capsule);
+            return -1;
+        }
+        v->managed = m;
+        v->t = &m->dl_tensor;
+    } else {
+        PyErr_Format(PyExc_TypeError, "argument '%s': __dlpack__() did not return a DLPack capsule", name);
+        Py_CLEAR(v->capsule);
+        return -1;
+    }
+    const SQ_DLTensor *t = v->t;
+    if (t->device.device_type != SQ_kDLCPU) {
+        PyErr_Format(PyExc_ValueError,
+                     "argument '%s' is on device type %d; the C kernels run on CPU tensors only "
+                     "(sliderquant.ops uses the torch path for other devices)",
+                     name, (int)t->device.device_type);
+        goto fail;
+    }
+    if (t->dtype.lanes != 1) {
+        PyErr_Format(PyExc_TypeError, "argument '%s': vector dtypes (lanes=%d) are not supported", name,
+                     (int)t->dtype.lanes);
+        goto fail;
+    }
+    v->numel = 1;
+    for (int d = 0; d < t->ndim; ++d) {
+        if (t->shape[d] < 0) {
+            PyErr_Format(PyExc_ValueError, "argument '%s' has a negative dimension", name);
+            goto fail;
+        }
+        v->numel *= t->shape[d];
+    }
+    if (!check_contiguous(v)) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' must be C-contiguous (call .contiguous())", name);
+        goto fail;
+    }
+    if (writable && v->readonly) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' is an output but its DLPack export is read-only", name);
+        goto fail;
+    }
+    v->data = (char *)t->data + t->byte_offset;
+    v->nbytes = v->numel * ((t->dtype.bits + 7) / 8);
+    return 0;
+fail:
+    view_release(v);
+    return -1;
+}
+
+static const char *dtype_name(SQ_DLDataType dt) {
+    if (dt.code == SQ_kDLFloat && dt.bits == 32) return "float32";
+    if (dt.code == SQ_kDLFloat && dt.bits == 16) return "float16";
+    if (dt.code == SQ_kDLFloat && dt.bits == 64) return "float64";
+    if (dt.code == SQ_kDLBfloat && dt.bits == 16) return "bfloat16";
+    if (dt.code == SQ_kDLInt) return "an integer dtype";
+    if (dt.code == SQ_kDLUInt) return "an unsigned integer dtype";
+    if (dt.code == SQ_kDLBool) return "bool";
+    return "an unsupported dtype";
+}
+
+/* float32 or bfloat16 data tensor */
+static int view_data_dtype(const view *v, sq_dtype *out) {
+    SQ_DLDataType dt = v->t->dtype;
+    if (dt.code == SQ_kDLFloat && dt.bits == 32) {
+        *out = SQ_F32;
+        return 0;
+    }
+    if (dt.code == SQ_kDLBfloat && dt.bits == 16) {
+        *out = SQ_BF16;
+        return 0;
+    }
+    PyErr_Format(PyExc_TypeError, "argument '%s' must be float32 or bfloat16, got %s", v->name, dtype_name(dt));
+    return -1;
+}
+
+static int view_require_f32(const view *v) {
+    SQ_DLDataType dt = v->t->dtype;
+    if (dt.code == SQ_kDLFloat && dt.bits == 32) return 0;
+    PyErr_Format(PyExc_TypeError, "argument '%s' must be float32, got %s", v->name, dtype_name(dt));
+    return -1;
+}
+
+static void format_shape(const view *v, char *buf, size_t n) {
+    size_t used = (size_t)snprintf(buf, n, "(");
+    for (int d = 0; d < v->t->ndim && used < n; ++d)
+        used += (size_t)snprintf(buf + used, n - used, d ? ", %lld" : "%lld", (long long)v->t->shape[d]);
+    if (used < n) snprintf(buf + used, n - used, v->t->ndim == 1 ? ",)" : ")");
+}
+
+/* exact shape check; dims < 0 in `shape` are not checked */
+static int view_require_shape(const view *v, int ndim, const int64_t *shape, const char *what) {
+    int ok = v->t->ndim == ndim;
+    for (int d = 0; ok && d < ndim; ++d) ok = shape[d] < 0 || v->t->shape[d] == shape[d];
+    if (ok) return 0;
+    char got[128];
+    format_shape(v, got, sizeof got);
+    PyErr_Format(PyExc_ValueError, "argument '%s' must have shape %s, got %s", v->name, what, got);
+    return -1;
+}
+
+/* ------------------------------------------------------------------ argument sets */
+
+#define MAX_VIEWS 16
+
+typedef struct {
+    view v[MAX_VIEWS];
+    int is_output[MAX_VIEWS];
+    int n;
+} view_set;
+
+static void views_release(view_set *s) {
+    for (int k = 0; k < s->n; ++k) view_release(&s->v[k]);
+    s->n = 0;
+}
+
+/* Imports obj into the set; None gives NULL (allowed only when optional). */
+static view *views_add(view_set *s, PyObject *obj, const char *name, int optional, int output) {
+    if (obj == Py_None) {
+        if (!optional) PyErr_Format(PyExc_TypeError, "argument '%s' is required, got None", name);
+        return NULL;
+    }
+    view *v = &s->v[s->n];
+    if (view_import(obj, name, output, v) < 0) return NULL;
+    s->is_output[s->n++] = output;
+    return v;
+}
+
+/* No output may overlap any other argument. */
+static int views_check_aliasing(const view_set *s) {
+    for (int a = 0; a < s->n; ++a) {
+        if (!s->is_output[a] || s->v[a].nbytes == 0) continue;
+        const char *a0 = s->v[a].data, *a1 = a0 + s->v[a].nbytes;
+        for (int b = 0; b < s->n; ++b) {
+            if (b == a || s->v[b].nbytes == 0) continue;
+            const char *b0 = s->v[b].data, *b1 = b0 + s->v[b].nbytes;
+            if (a0 < b1 && b0 < a1) {
+                PyErr_Format(PyExc_ValueError, "output '%s' overlaps argument '%s' in memory; outputs must be fresh tensors",
+                             s->v[a].name, s->v[b].name);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+static const void *data_or_null(const view *v) { return v ? v->data : NULL; }
+
+static int parse_int(PyObject *o, const char *name, long lo, long hi, long *out) {
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must be an int, got %s", name, Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < lo || v > hi) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' must lie in [%ld, %ld], got %ld", name, lo, hi, v);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int parse_float(PyObject *o, const char *name, float *out) {
+    double v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) return -1;
+    if (!isfinite(v)) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' must be finite", name);
+        return -1;
+    }
+    *out = (float)v;
+    return 0;
+}
+
+static int check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *fn) {
+    if (nargs == want) return 0;
+    PyErr_Format(PyExc_TypeError, "%s() takes %zd positional arguments (%zd given)", fn, want, nargs);
+    return -1;
+}
+
+static PyObject *raise_status(int status, const char *what) {
+    switch (status) {
+    case SQ_ERR_NONFINITE_INPUT:
+        PyErr_Format(PyExc_ValueError,
+                     "%s contains NaN or Inf; quantization needs finite values (check the model weights, "
+                     "the inputs and the learned channel scales / LoRA factors)",
+                     what);
+        break;
+    case SQ_ERR_NONFINITE_PARAM:
+        PyErr_Format(PyExc_ValueError,
+                     "the quantization scale of %s is NaN or Inf: the clipping logits (lwc_upper / "
+                     "lwc_lower) are not finite",
+                     what);
+        break;
+    case SQ_ERR_NOMEM:
+        PyErr_NoMemory();
+        break;
+    default:
+        PyErr_Format(PyExc_RuntimeError, "sliderquant kernel failed with status %d", status);
+    }
+    return NULL;
+}
+
+static module_state *get_state(PyObject *module) { return (module_state *)PyModule_GetState(module); }
+
+/* ------------------------------------------------------------------ weight fake quantization */
+
+typedef struct {
+    sq_wq_params p;
+    sq_wq_inputs in;
+    int64_t n_groups;
+} wq_call;
+
+/* Parses and validates the common leading arguments (w, alpha, lora_a, lora_b, lwc_u, lwc_l) and
+ * the trailing scalars (bits, group_size, n_quant, symmetric, lora_scaling, nthreads). */
+static int wq_parse(view_set *s, PyObject *const *head, PyObject *const *tail, wq_call *c) {
+    memset(c, 0, sizeof *c);
+    long bits, group, n_quant, nthreads;
+    if (parse_int(tail[0], "bits", 2, 8, &bits) < 0) return -1;
+    if (parse_int(tail[1], "group_size", 0, INT32_MAX, &group) < 0) return -1;
+    if (parse_int(tail[2], "n_quant", 0, LONG_MAX, &n_quant) < 0) return -1;
+    int symmetric = PyObject_IsTrue(tail[3]);
+    if (symmetric < 0) return -1;
+    if (parse_float(tail[4], "lora_scaling", &c->p.lora_scaling) < 0) return -1;
+    if (parse_int(tail[5], "nthreads", 1, 4096, &nthreads) < 0) return -1;
+
+    view *w = views_add(s, head[0], "w", 0, 0);
+    if (!w) return -1;
+    if (view_data_dtype(w, &c->p.dtype) < 0) return -1;
+    if (w->t->ndim != 2) {
+        PyErr_Format(PyExc_ValueError, "argument 'w' must be 2-D (out_features, in_features), got %d-D", w->t->ndim);
+        return -1;
+    }
+    const int64_t rows = w->t->shape[0], cols = w->t->shape[1];
+    if (rows == 0 || cols == 0) {
+        PyErr_SetString(PyExc_ValueError, "argument 'w' is empty");
+        return -1;
+    }
+    if (group == 0) group = cols;
+    if (cols % group != 0) {
+        PyErr_Format(PyExc_ValueError, "group_size %ld does not divide in_features %lld", group, (long long)cols);
+        return -1;
+    }
+    if (n_quant > cols || (group != cols && n_quant % group != 0)) {
+        PyErr_Format(PyExc_ValueError, "n_quant %ld must be at most %lld and a multiple of the group size %ld", n_quant,
+                     (long long)cols, group);
+        return -1;
+    }
+    const int64_t n_groups = cols / group;
+    c->p.rows = rows;
+    c->p.cols = cols;
+    c->p.group = group;
+    c->p.n_quant = n_quant;
+    c->p.bits = (int)bits;
+    c->p.symmetric = symmetric;
+    c->p.nthreads = (int)nthreads;
+    c->n_groups = n_groups;
+    c->in.w = w->data;
+
+    const int64_t shp_alpha[1] = {cols};
+    view *alpha = views_add(s, head[1], "channel_scale", 1, 0);
+    if (!alpha && PyErr_Occurred()) return -1;
+    if (alpha && (view_require_f32(alpha) < 0 || view_require_shape(alpha, 1, shp_alpha, "(in_features,)") < 0))
+        return -1;
+    c->in.alpha = data_or_null(alpha);
+
+    view *a = views_add(s, head[2], "lora_a", 1, 0);
+    if (!a && PyErr_Occurred()) return -1;
+    view *b = views_add(s, head[3], "lora_b", 1, 0);
+    if (!b && PyErr_Occurred()) return -1;
+    if ((a == NULL) != (b == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "lora_a and lora_b must be given together");
+        return -1;
+    }
+    if (a) {
+        if (view_require_f32(a) < 0 || view_require_f32(b) < 0) return -1;
+        const int64_t rank = a->t->ndim == 2 ? a->t->shape[0] : -1;
+        if (rank < 1 || rank > SQ_MAX_RANK) {
+            PyErr_Format(PyExc_ValueError, "lora_a must be 2-D (rank, in_features) with 1 <= rank <= %d", SQ_MAX_RANK);
+            return -1;
+        }
+        const int64_t shp_a[2] = {rank, cols}, shp_b[2] = {rows, rank};
+        if (view_require_shape(a, 2, shp_a, "(rank, in_features)") < 0 ||
+            view_require_shape(b, 2, shp_b, "(out_features, rank)") < 0)
+            return -1;
+        c->p.rank = (int)rank;
+        c->in.lora_a = (const float *)a->data;
+        c->in.lora_b = (const float *)b->data;
+    }
+    const int64_t shp_lwc[2] = {rows, n_groups};
+    const char *names[2] = {"lwc_upper", "lwc_lower"};
+    for (int k = 0; k < 2; ++k) {
+        view *lv = views_add(s, head[4 + k], names[k], 1, 0);
+        if (!lv && PyErr_Occurred()) return -1;
+        if (lv && (view_require_f32(lv) < 0 || view_require_shape(lv, 2, shp_lwc, "(out_features, n_groups)") < 0))
+            return -1;
+        if (k == 0)
+            c->in.lwc_u = data_or_null(lv);
+        else
+            c->in.lwc_l = data_or_null(lv);
+    }
+    return 0;
+}
+
+/* a float32 output of the given shape, or None */
+static int add_grad(view_set *s, PyObject *obj, const char *name, int ndim, const int64_t *shape, const char *what,
+                    int allowed, float **out) {
+    *out = NULL;
+    view *v = views_add(s, obj, name, 1, 1);
+    if (!v) return PyErr_Occurred() ? -1 : 0;
+    if (!allowed) {
+        PyErr_Format(PyExc_ValueError, "'%s' was requested but its input is absent", name);
+        return -1;
+    }
+    if (view_require_f32(v) < 0 || view_require_shape(v, ndim, shape, what) < 0) return -1;
+    *out = (float *)v->data;
+    return 0;
+}
+
+static int add_data_like(view_set *s, PyObject *obj, const char *name, int output, const view *like, sq_dtype dtype,
+                         void **out) {
+    view *v = views_add(s, obj, name, 0, output);
+    if (!v) return -1;
+    sq_dtype dt;
+    if (view_data_dtype(v, &dt) < 0) return -1;
+    if (dt != dtype) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must have the dtype of '%s' (%s)", name, like->name,
+                     dtype_name(like->t->dtype));
+        return -1;
+    }
+    if (view_require_shape(v, like->t->ndim, like->t->shape, "equal to that of the input") < 0) return -1;
+    *out = v->data;
+    return 0;
+}
+
+static PyObject *run_status(int status, const char *what) {
+    if (status != SQ_OK) return raise_status(status, what);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(wq_forward_doc,
+             "wq_forward(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, out, bits, group_size, n_quant,\n"
+             "           symmetric, lora_scaling, nthreads)\n--\n\n"
+             "Weight fake quantization: out = Q(w * channel_scale + lora_scaling * lora_b @ lora_a) with learnable\n"
+             "clipping. group_size 0 means per output channel. Optional inputs may be None.");
+
+static PyObject *wq_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 13, "wq_forward") < 0) return NULL;
+    view_set s = {0};
+    wq_call c;
+    void *out;
+    PyObject *res = NULL;
+    if (wq_parse(&s, args, args + 7, &c) < 0) goto done;
+    if (add_data_like(&s, args[6], "out", 1, &s.v[0], c.p.dtype, &out) < 0) goto done;
+    if (views_check_aliasing(&s) < 0) goto done;
+    const sq_kernel_table *k = get_state(module)->kernels;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = k->wq_forward(&c.p, &c.in, out);
+    Py_END_ALLOW_THREADS
+    res = run_status(status, "the weight (W * channel_scale + LoRA)");
+done:
+    views_release(&s);
+    return res;
+}
+
+PyDoc_STRVAR(wq_backward_doc,
+             "wq_backward(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, grad_out, grad_channel_scale,\n"
+             "            grad_lora_a, grad_lora_b, grad_lwc_upper, grad_lwc_lower, grad_wt, bits, group_size,\n"
+             "            n_quant, symmetric, lora_scaling, nthreads)\n--\n\n"
+             "Backward of wq_forward (straight-through rounding). Each grad_* output is a float32 tensor or None.");
+
+static PyObject *wq_backward(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 19, "wq_backward") < 0) return NULL;
+    view_set s = {0};
+    wq_call c;
+    sq_wq_grads g = {0};
+    PyObject *res = NULL;
+    void *grad_out;
+    if (wq_parse(&s, args, args + 13, &c) < 0) goto done;
+    if (add_data_like(&s, args[6], "grad_out", 0, &s.v[0], c.p.dtype, &grad_out) < 0) goto done;
+    g.grad_out = grad_out;
+    const int64_t rows = c.p.rows, cols = c.p.cols, r = c.p.rank;
+    const int64_t shp_alpha[1] = {cols}, shp_a[2] = {r, cols}, shp_b[2] = {rows, r},
+                  shp_lwc[2] = {rows, c.n_groups}, shp_w[2] = {rows, cols};
+    if (add_grad(&s, args[7], "grad_channel_scale", 1, shp_alpha, "(in_features,)", c.in.alpha != NULL,
+                 &g.grad_alpha) < 0 ||
+        add_grad(&s, args[8], "grad_lora_a", 2, shp_a, "(rank, in_features)", r > 0, &g.grad_a) < 0 ||
+        add_grad(&s, args[9], "grad_lora_b", 2, shp_b, "(out_features, rank)", r > 0, &g.grad_b) < 0 ||
+        add_grad(&s, args[10], "grad_lwc_upper", 2, shp_lwc, "(out_features, n_groups)", c.in.lwc_u != NULL,
+                 &g.grad_u) < 0 ||
+        add_grad(&s, args[11], "grad_lwc_lower", 2, shp_lwc, "(out_features, n_groups)", c.in.lwc_l != NULL,
+                 &g.grad_l) < 0 ||
+        add_grad(&s, args[12], "grad_wt", 2, shp_w, "(out_features, in_features)", 1, &g.grad_wt) < 0)
+        goto done;
+    if (views_check_aliasing(&s) < 0) goto done;
+    const sq_kernel_table *k = get_state(module)->kernels;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = k->wq_backward(&c.p, &c.in, &g);
+    Py_END_ALLOW_THREADS
+    res = run_status(status, "the weight (W * channel_scale + LoRA)");
+done:
+    views_release(&s);
+    return res;
+}
+
+/* ------------------------------------------------------------------ activation fake quantization */
+
+static int aq_parse(view_set *s, PyObject *x_obj, PyObject *alpha_obj, PyObject *const *tail, sq_aq_params *p,
+                    const float **alpha_out) {
+    memset(p, 0, sizeof *p);
+    long bits, n_quant, nthreads;
+    if (parse_int(tail[0], "bits", 2, 8, &bits) < 0) return -1;
+    if (parse_int(tail[1], "n_quant", 0, LONG_MAX, &n_quant) < 0) return -1;
+    int symmetric = PyObject_IsTrue(tail[2]);
+    if (symmetric < 0) return -1;
+    if (parse_int(tail[3], "nthreads", 1, 4096, &nthreads) < 0) return -1;
+    view *x = views_add(s, x_obj, "x", 0, 0);
+    if (!x) return -1;
+    if (view_data_dtype(x, &p->dtype) < 0) return -1;
+    if (x->t->ndim < 1 || x->numel == 0) {
+        PyErr_SetString(PyExc_ValueError, "argument 'x' must have at least one dimension and be non-empty");
+        return -1;
+    }
+    p->cols = x->t->shape[x->t->ndim - 1];
+    p->rows = x->numel / p->cols;
+    if (n_quant > p->cols) {
+        PyErr_Format(PyExc_ValueError, "n_quant %ld exceeds the last dimension %lld", n_quant, (long long)p->cols);
+        return -1;
+    }
+    p->n_quant = n_quant;
+    p->bits = (int)bits;
+    p->symmetric = symmetric;
+    p->nthreads = (int)nthreads;
+    const int64_t shp_alpha[1] = {p->cols};
+    view *alpha = views_add(s, alpha_obj, "channel_scale", 1, 0);
+    if (!alpha && PyErr_Occurred()) return -1;
+    if (alpha && (view_require_f32(alpha) < 0 || view_require_shape(alpha, 1, shp_alpha, "(channels,)") < 0))
+        return -1;
+    *alpha_out = data_or_null(alpha);
+    return 0;
+}
+
+PyDoc_STRVAR(aq_forward_doc, "aq_forward(x, channel_scale, out, bits, n_quant, symmetric, nthreads)\n--\n\n"
+                             "Per-token activation fake quantization of x / channel_scale into out.");
+
+static PyObject *aq_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 7, "aq_forward") < 0) return NULL;
+    view_set s = {0};
+    sq_aq_params p;
+    const float *alpha;
+    void *out;
+    PyObject *res = NULL;
+    if (aq_parse(&s, args[0], args[1], args + 3, &p, &alpha) < 0) goto done;
+    if (add_data_like(&s, args[2], "out", 1, &s.v[0], p.dtype, &out) < 0) goto done;
+    if (views_check_aliasing(&s) < 0) goto done;
+    const sq_kernel_table *k = get_state(module)->kernels;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = k->aq_forward(&p, s.v[0].data, alpha, out);
+    Py_END_ALLOW_THREADS
+    res = run_status(status, "the activation (x / channel_scale)");
+done:
+    views_release(&s);
+    return res;
+}
+
+PyDoc_STRVAR(aq_backward_doc,
+             "aq_backward(x, channel_scale, grad_out, grad_x, grad_channel_scale, bits, n_quant, symmetric, nthreads)\n"
+             "--\n\nBackward of aq_forward; grad_x (dtype of x) and grad_channel_scale (float32) may be None.");
+
+static PyObject *aq_backward(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 9, "aq_backward") < 0) return NULL;
+    view_set s = {0};
+    sq_aq_params p;
+    const float *alpha;
+    void *grad_out, *grad_x = NULL;
+    float *grad_alpha = NULL;
+    PyObject *res = NULL;
+    if (aq_parse(&s, args[0], args[1], args + 5, &p, &alpha) < 0) goto done;
+    if (add_data_like(&s, args[2], "grad_out", 0, &s.v[0], p.dtype, &grad_out) < 0) goto done;
+    if (args[3] != Py_None && add_data_like(&s, args[3], "grad_x", 1, &s.v[0], p.dtype, &grad_x) < 0) goto done;
+    const int64_t shp_alpha[1] = {p.cols};
+    if (add_grad(&s, args[4], "grad_channel_scale", 1, shp_alpha, "(channels,)", alpha != NULL, &grad_alpha) < 0)
+        goto done;
+    if (views_check_aliasing(&s) < 0) goto done;
+    const sq_kernel_table *k = get_state(module)->kernels;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = k->aq_backward(&p, s.v[0].data, alpha, grad_out, grad_x, grad_alpha);
+    Py_END_ALLOW_THREADS
+    res = run_status(status, "the activation (x / channel_scale)");
+done:
+    views_release(&s);
+    return res;
+}
+
+/* ------------------------------------------------------------------ backend selection */
+
+static PyObject *backend(PyObject *module, PyObject *unused) {
+    return PyUnicode_FromString(get_state(module)->kernels->name);
+}
+
+static PyObject *set_backend(PyObject *module, PyObject *name_obj) {
+    const char *name = PyUnicode_AsUTF8(name_obj);
+    if (!name) return NULL;
+    const sq_kernel_table *t = NULL;
+    if (strcmp(name, "ref") == 0) {
+        t = sq_kernels_ref();
+    } else if (strcmp(name, "avx2") == 0) {
+        t = sq_kernels_avx2();
+        if (!t) {
+            PyErr_SetString(PyExc_RuntimeError, "this CPU does not support AVX2 and FMA");
+            return NULL;
+        }
+    } else if (strcmp(name, "auto") == 0) {
+        t = sq_kernels_best();
+    } else {
+        PyErr_Format(PyExc_ValueError, "unknown ISA '%s' (expected 'ref', 'avx2' or 'auto')", name);
+        return NULL;
+    }
+    get_state(module)->kernels = t;
+    Py_RETURN_NONE;
+}
+
+static PyObject *have_openmp(PyObject *module, PyObject *unused) { return PyBool_FromLong(sq_have_openmp()); }
+
+static PyObject *max_threads(PyObject *module, PyObject *unused) { return PyLong_FromLong(sq_max_threads()); }
+
+static PyObject *avx2_supported(PyObject *module, PyObject *unused) {
+    return PyBool_FromLong(sq_kernels_avx2() != NULL);
+}
+
+static PyMethodDef module_methods[] = {
+    {"wq_forward", (PyCFunction)(void (*)(void))wq_forward, METH_FASTCALL, wq_forward_doc},
+    {"wq_backward", (PyCFunction)(void (*)(void))wq_backward, METH_FASTCALL, wq_backward_doc},
+    {"aq_forward", (PyCFunction)(void (*)(void))aq_forward, METH_FASTCALL, aq_forward_doc},
+    {"aq_backward", (PyCFunction)(void (*)(void))aq_backward, METH_FASTCALL, aq_backward_doc},
+    {"backend", backend, METH_NOARGS, "backend()\n--\n\nName of the active kernel table: 'avx2' or 'ref'."},
+    {"set_backend", set_backend, METH_O, "set_backend(name)\n--\n\nSelect 'ref', 'avx2' or 'auto'."},
+    {"have_openmp", have_openmp, METH_NOARGS, "have_openmp()\n--\n\nWhether the extension was built with OpenMP."},
+    {"max_threads", max_threads, METH_NOARGS, "max_threads()\n--\n\nOpenMP's default thread count."},
+    {"avx2_supported", avx2_supported, METH_NOARGS, "avx2_supported()\n--\n\nWhether this CPU has AVX2 and FMA."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int module_exec(PyObject *module) {
+    module_state *st = get_state(module);
+    st->kernels = sq_kernels_best();
+    const char *isa = getenv("SLIDERQUANT_ISA");
+    if (isa && *isa) {
+        PyObject *name = PyUnicode_FromString(isa);
+        if (!name) return -1;
+        PyObject *r = set_backend(module, name);
+        Py_DECREF(name);
+        if (!r) return -1;
+        Py_DECREF(r);
+    }
+    if (PyModule_AddIntConstant(module, "DLPACK_MAJOR", SQ_DLPACK_MAJOR) < 0) return -1;
+    if (PyModule_AddIntConstant(module, "MAX_RANK", SQ_MAX_RANK) < 0) return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "sliderquant._C",
+    .m_doc = "sliderquant's C kernels: fused fake quantization (forward and backward) over DLPack tensors.",
+    .m_size = sizeof(module_state),
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModuleDef_Init(&module_def); }

@@ -1,0 +1,171 @@
+/*
+ * sq_avx2.h: AVX2/FMA building blocks shared by the *_avx2.c kernels.
+ *
+ * Include only from files compiled for AVX2 (they start with `#pragma GCC target("avx2,fma")`);
+ * the dispatch table calls them only after __builtin_cpu_supports says the CPU has both.
+ * Each span helper handles its own scalar tail, with the same per-element arithmetic as the
+ * reference (IEEE division, round-half-to-even), so spans agree with *_ref.c bit for bit.
+ */
+#ifndef SQ_AVX2_H
+#define SQ_AVX2_H
+
+#include <immintrin.h>
+
+#include "sq_common.h"
+
+#define SQ_ROUND (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+
+static inline __m256 sq_load8(const void *p, sq_dtype dt, int64_t idx) {
+    if (dt == SQ_F32) return _mm256_loadu_ps((const float *)p + idx);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + idx));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline void sq_store8(void *p, sq_dtype dt, int64_t idx, __m256 v) {
+    if (dt == SQ_F32) {
+        _mm256_storeu_ps((float *)p + idx, v);
+        return;
+    }
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    const __m256i isnan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                             _mm256_set1_epi32(0x7f800000));
+    const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    r = _mm256_blendv_epi8(r, qnan, isnan);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128((__m128i *)((uint16_t *)p + idx), packed);
+}
+
+static inline float sq_hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float sq_hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float sq_hmin8(__m256 v) {
+    __m128 s = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_min_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_min_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* max, min and finiteness of x[0..n) (n >= 1). NaN is caught by the unordered compare; an Inf
+ * ends up as the max or min, which sq_grid_make rejects. */
+static inline int sq_minmax_avx2(const float *x, int64_t n, float *mx_out, float *mn_out) {
+    __m256 vmx = _mm256_set1_ps(x[0]), vmn = vmx, bad = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        const __m256 v = _mm256_loadu_ps(x + c);
+        vmx = _mm256_max_ps(vmx, v);
+        vmn = _mm256_min_ps(vmn, v);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float mx = sq_hmax8(vmx), mn = sq_hmin8(vmn);
+    int finite = _mm256_movemask_ps(bad) == 0;
+    for (; c < n; ++c) {
+        finite &= !isnan(x[c]);
+        mx = fmaxf(mx, x[c]);
+        mn = fminf(mn, x[c]);
+    }
+    *mx_out = mx;
+    *mn_out = mn;
+    return finite;
+}
+
+/* out[idx + c] = dequant(quant(x[c])) for c < n, stored as dt */
+static inline void sq_quant_span_avx2(const sq_grid *g, const float *x, int64_t n, void *out, sq_dtype dt,
+                                      int64_t idx) {
+    const __m256 vs = _mm256_set1_ps(g->s), vz = _mm256_set1_ps(g->z);
+    const __m256 lo = _mm256_set1_ps(g->qmin), hi = _mm256_set1_ps(g->qmax);
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        __m256 q = _mm256_add_ps(_mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + c), vs), SQ_ROUND), vz);
+        q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
+        sq_store8(out, dt, idx + c, _mm256_mul_ps(_mm256_sub_ps(q, vz), vs));
+    }
+    for (; c < n; ++c) sq_store(out, dt, idx + c, sq_grid_apply(g, x[c]));
+}
+
+/* out[idx + c] = x[c] for c < n, stored as dt */
+static inline void sq_copy_span_avx2(const float *x, int64_t n, void *out, sq_dtype dt, int64_t idx) {
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) sq_store8(out, dt, idx + c, _mm256_loadu_ps(x + c));
+    for (; c < n; ++c) sq_store(out, dt, idx + c, x[c]);
+}
+
+/* Backward through the grid on a quantized span: writes dL/dx (straight-through, zero outside
+ * the clamp range) and returns the span's contribution to dL/ds. */
+static inline float sq_quant_span_backward_avx2(const sq_grid *g, const float *x, int64_t n,
+                                                const void *grad, sq_dtype dt, int64_t idx, float *gx) {
+    const __m256 vs = _mm256_set1_ps(g->s), vz = _mm256_set1_ps(g->z);
+    const __m256 lo = _mm256_set1_ps(g->qmin), hi = _mm256_set1_ps(g->qmax);
+    __m256 vds = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        const __m256 go = sq_load8(grad, dt, idx + c);
+        const __m256 t = _mm256_div_ps(_mm256_loadu_ps(x + c), vs);
+        const __m256 xi = _mm256_add_ps(_mm256_round_ps(t, SQ_ROUND), vz);
+        const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(xi, lo, _CMP_GE_OQ), _mm256_cmp_ps(xi, hi, _CMP_LE_OQ));
+        const __m256 q = _mm256_min_ps(_mm256_max_ps(xi, lo), hi);
+        _mm256_storeu_ps(gx + c, _mm256_and_ps(inside, go));
+        vds = _mm256_fmadd_ps(go, _mm256_sub_ps(_mm256_sub_ps(q, vz), _mm256_and_ps(inside, t)), vds);
+    }
+    float ds = sq_hsum8(vds);
+    for (; c < n; ++c) {
+        const float go = sq_load(grad, dt, idx + c);
+        const float t = x[c] / g->s;
+        const float xi = nearbyintf(t) + g->z;
+        const int inside = xi >= g->qmin && xi <= g->qmax;
+        const float q = fminf(fmaxf(xi, g->qmin), g->qmax);
+        gx[c] = inside ? go : 0.0f;
+        ds += go * ((q - g->z) - (inside ? t : 0.0f));
+    }
+    return ds;
+}
+
+/* gx[c] = grad[idx + c] as float32 */
+static inline void sq_load_span_avx2(const void *grad, sq_dtype dt, int64_t idx, int64_t n, float *gx) {
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) _mm256_storeu_ps(gx + c, sq_load8(grad, dt, idx + c));
+    for (; c < n; ++c) gx[c] = sq_load(grad, dt, idx + c);
+}
+
+/* The min/max of a span receive dmx / dmn, shared evenly between tied extremes (as amax/amin). */
+static inline void sq_extremes_backward_avx2(const float *x, int64_t n, float mx, float mn, float dmx,
+                                             float dmn, float *gx) {
+    const __m256 vmx = _mm256_set1_ps(mx), vmn = _mm256_set1_ps(mn);
+    int64_t n_mx = 0, n_mn = 0, c = 0;
+    for (; c + 8 <= n; c += 8) {
+        const __m256 v = _mm256_loadu_ps(x + c);
+        n_mx += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, vmx, _CMP_EQ_OQ)));
+        n_mn += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, vmn, _CMP_EQ_OQ)));
+    }
+    for (; c < n; ++c) {
+        n_mx += x[c] == mx;
+        n_mn += x[c] == mn;
+    }
+    const float share_mx = dmx / (float)n_mx, share_mn = dmn / (float)n_mn;
+    const __m256 smx = _mm256_set1_ps(share_mx), smn = _mm256_set1_ps(share_mn);
+    for (c = 0; c + 8 <= n; c += 8) {
+        const __m256 v = _mm256_loadu_ps(x + c);
+        __m256 g = _mm256_loadu_ps(gx + c);
+        g = _mm256_add_ps(g, _mm256_and_ps(_mm256_cmp_ps(v, vmx, _CMP_EQ_OQ), smx));
+        g = _mm256_add_ps(g, _mm256_and_ps(_mm256_cmp_ps(v, vmn, _CMP_EQ_OQ), smn));
+        _mm256_storeu_ps(gx + c, g);
+    }
+    for (; c < n; ++c) {
+        if (x[c] == mx) gx[c] += share_mx;
+        if (x[c] == mn) gx[c] += share_mn;
+    }
+}
+
+#endif /* SQ_AVX2_H */

@@ -1,0 +1,168 @@
+/*
+ * wquant_avx2.c: AVX2/FMA twin of wquant_ref.c (same signatures, _avx2 suffix).
+ * One pass per row builds W * alpha + s B A into a per-thread row buffer (L1/L2 resident),
+ * then each group is reduced and quantized from that buffer.
+ */
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx2,fma")
+#include "sq_avx2.h"
+
+static void transform_row_avx2(const sq_wq_params *p, const sq_wq_inputs *in, int64_t i, float *wt) {
+    const int64_t cols = p->cols, base = i * cols;
+    const int rank = p->rank;
+    const float *b_row = rank ? in->lora_b + i * rank : NULL;
+    __m256 vb[SQ_MAX_RANK];
+    for (int k = 0; k < rank; ++k) vb[k] = _mm256_set1_ps(b_row[k]);
+    const __m256 vsc = _mm256_set1_ps(p->lora_scaling);
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+        __m256 v = sq_load8(in->w, p->dtype, base + c);
+        if (in->alpha) v = _mm256_mul_ps(v, _mm256_loadu_ps(in->alpha + c));
+        if (rank) {
+            __m256 acc = _mm256_mul_ps(vb[0], _mm256_loadu_ps(in->lora_a + c));
+            for (int k = 1; k < rank; ++k) acc = _mm256_fmadd_ps(vb[k], _mm256_loadu_ps(in->lora_a + (int64_t)k * cols + c), acc);
+            v = _mm256_fmadd_ps(vsc, acc, v);
+        }
+        _mm256_storeu_ps(wt + c, v);
+    }
+    for (; c < cols; ++c) {
+        float v = sq_load(in->w, p->dtype, base + c);
+        if (in->alpha) v *= in->alpha[c];
+        if (rank) {
+            float acc = b_row[0] * in->lora_a[c];
+            for (int k = 1; k < rank; ++k) acc = fmaf(b_row[k], in->lora_a[(int64_t)k * cols + c], acc);
+            v = fmaf(p->lora_scaling, acc, v);
+        }
+        wt[c] = v;
+    }
+}
+
+static int group_grid_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const float *x, int64_t i,
+                           int64_t j, int64_t n_groups, sq_grid *g) {
+    float mx, mn;
+    if (!sq_minmax_avx2(x, p->group, &mx, &mn)) return SQ_ERR_NONFINITE_INPUT;
+    return sq_grid_make(mx, mn, in->lwc_u ? in->lwc_u + i * n_groups + j : NULL,
+                        in->lwc_l ? in->lwc_l + i * n_groups + j : NULL, p->bits, p->symmetric, g);
+}
+
+int sq_wq_forward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, void *out) {
+    const int64_t rows = p->rows, cols = p->cols, n_groups = cols / p->group;
+    const int nt = sq_threads(p->nthreads, rows);
+    sq_scratch sc;
+    if (sq_scratch_init(&sc, nt, cols) != SQ_OK) return SQ_ERR_NOMEM;
+    int status = SQ_OK;
+#pragma omp parallel num_threads(nt)
+    {
+        float *wt = sq_scratch_thread(&sc, SQ_THREAD_ID());
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; ++i) {
+            transform_row_avx2(p, in, i, wt);
+            for (int64_t j = 0; j < n_groups; ++j) {
+                const int64_t c0 = j * p->group, c1 = c0 + p->group;
+                const int64_t cq = c1 < p->n_quant ? c1 : (p->n_quant > c0 ? p->n_quant : c0);
+                sq_grid g;
+                int st = group_grid_avx2(p, in, wt + c0, i, j, n_groups, &g);
+                if (st != SQ_OK) {
+#pragma omp atomic write
+                    status = st;
+                    continue;
+                }
+                sq_quant_span_avx2(&g, wt + c0, cq - c0, out, p->dtype, i * cols + c0);
+                sq_copy_span_avx2(wt + cq, c1 - cq, out, p->dtype, i * cols + cq);
+            }
+        }
+    }
+    free(sc.base);
+    return status;
+}
+
+/* acc_alpha[c] += gwt[c] * W[i, c] */
+static void accumulate_alpha_avx2(const sq_wq_params *p, const sq_wq_inputs *in, int64_t i, const float *gwt,
+                                  float *acc) {
+    const int64_t cols = p->cols, base = i * cols;
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+        const __m256 w = sq_load8(in->w, p->dtype, base + c);
+        _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(_mm256_loadu_ps(gwt + c), w, _mm256_loadu_ps(acc + c)));
+    }
+    for (; c < cols; ++c) acc[c] = fmaf(gwt[c], sq_load(in->w, p->dtype, base + c), acc[c]);
+}
+
+/* dB[i, k] = s * <gwt, A[k]>  and  acc_a[k] += s * B[i, k] * gwt, fused in one pass per k */
+static void accumulate_lora_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const sq_wq_grads *gr,
+                                 int64_t i, const float *gwt, float *acc_a) {
+    const int64_t cols = p->cols;
+    for (int k = 0; k < p->rank; ++k) {
+        const float *a_k = in->lora_a + (int64_t)k * cols;
+        float *acc = acc_a + (int64_t)k * cols;
+        const float coef = p->lora_scaling * in->lora_b[i * p->rank + k];
+        const __m256 vcoef = _mm256_set1_ps(coef);
+        const int want_a = gr->grad_a != NULL;
+        __m256 vdot = _mm256_setzero_ps();
+        int64_t c = 0;
+        for (; c + 8 <= cols; c += 8) {
+            const __m256 g = _mm256_loadu_ps(gwt + c);
+            vdot = _mm256_fmadd_ps(g, _mm256_loadu_ps(a_k + c), vdot);
+            if (want_a) _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(vcoef, g, _mm256_loadu_ps(acc + c)));
+        }
+        float dot = sq_hsum8(vdot);
+        for (; c < cols; ++c) {
+            dot = fmaf(gwt[c], a_k[c], dot);
+            if (want_a) acc[c] = fmaf(coef, gwt[c], acc[c]);
+        }
+        if (gr->grad_b) gr->grad_b[i * p->rank + k] = p->lora_scaling * dot;
+    }
+}
+
+int sq_wq_backward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const sq_wq_grads *gr) {
+    const int64_t rows = p->rows, cols = p->cols, n_groups = cols / p->group;
+    const int rank = p->rank;
+    const int nt = sq_threads(p->nthreads, rows);
+    const int64_t off_gwt = cols, off_alpha = 2 * cols, off_a = 3 * cols;
+    sq_scratch sc;
+    if (sq_scratch_init(&sc, nt, 3 * cols + (int64_t)rank * cols) != SQ_OK) return SQ_ERR_NOMEM;
+    int status = SQ_OK;
+#pragma omp parallel num_threads(nt)
+    {
+        float *scratch = sq_scratch_thread(&sc, SQ_THREAD_ID());
+        float *wt = scratch, *gwt = scratch + off_gwt;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; ++i) {
+            transform_row_avx2(p, in, i, wt);
+            for (int64_t j = 0; j < n_groups; ++j) {
+                const int64_t c0 = j * p->group, c1 = c0 + p->group;
+                const int64_t cq = c1 < p->n_quant ? c1 : (p->n_quant > c0 ? p->n_quant : c0);
+                sq_grid g;
+                int st = group_grid_avx2(p, in, wt + c0, i, j, n_groups, &g);
+                if (st != SQ_OK) {
+#pragma omp atomic write
+                    status = st;
+                    continue;
+                }
+                const float ds = sq_quant_span_backward_avx2(&g, wt + c0, cq - c0, gr->grad_out, p->dtype,
+                                                             i * cols + c0, gwt + c0);
+                sq_load_span_avx2(gr->grad_out, p->dtype, i * cols + cq, c1 - cq, gwt + cq);
+                float du = 0.0f, dl = 0.0f;
+                if (cq > c0) {
+                    float dmx, dmn;
+                    sq_grid_backward(&g, p->symmetric, in->lwc_u != NULL, in->lwc_l != NULL, ds, &du, &dl,
+                                     &dmx, &dmn);
+                    sq_extremes_backward_avx2(wt + c0, p->group, g.mx, g.mn, dmx, dmn, gwt + c0);
+                }
+                if (gr->grad_u) gr->grad_u[i * n_groups + j] = du;
+                if (gr->grad_l) gr->grad_l[i * n_groups + j] = dl;
+            }
+            if (gr->grad_wt) memcpy(gr->grad_wt + i * cols, gwt, (size_t)cols * sizeof(float));
+            if (gr->grad_alpha) accumulate_alpha_avx2(p, in, i, gwt, scratch + off_alpha);
+            if (rank) accumulate_lora_avx2(p, in, gr, i, gwt, scratch + off_a);
+        }
+    }
+    if (status == SQ_OK) {
+        if (gr->grad_alpha) sq_scratch_reduce(&sc, nt, off_alpha, cols, gr->grad_alpha);
+        if (rank && gr->grad_a) sq_scratch_reduce(&sc, nt, off_a, (int64_t)rank * cols, gr->grad_a);
+    }
+    free(sc.base);
+    return status;
+}
+
+#endif /* x86 */
