@@ -27,6 +27,7 @@ static int row_grid_avx2(const sq_aq_params *p, const float *xt, sq_grid *g) {
 int sq_aq_forward_avx2(const sq_aq_params *p, const void *x, const float *alpha, void *out) {
     const int64_t rows = p->rows, cols = p->cols;
     const int nt = sq_threads(p->nthreads, rows);
+    const int stream = sq_stream_worth_it(rows, cols, p->dtype);
     sq_scratch sc;
     if (sq_scratch_init(&sc, nt, cols) != SQ_OK) return SQ_ERR_NOMEM;
     int status = SQ_OK;
@@ -43,9 +44,10 @@ int sq_aq_forward_avx2(const sq_aq_params *p, const void *x, const float *alpha,
                 status = st;
                 continue;
             }
-            sq_quant_span_avx2(&g, xt, p->n_quant, out, p->dtype, i * cols);
-            sq_copy_span_avx2(xt + p->n_quant, cols - p->n_quant, out, p->dtype, i * cols + p->n_quant);
+            sq_quant_span_avx2(&g, xt, p->n_quant, out, p->dtype, i * cols, stream);
+            sq_copy_span_avx2(xt + p->n_quant, cols - p->n_quant, out, p->dtype, i * cols + p->n_quant, stream);
         }
+        _mm_sfence();
     }
     free(sc.base);
     return status;
@@ -55,6 +57,7 @@ int sq_aq_backward_avx2(const sq_aq_params *p, const void *x, const float *alpha
                         void *grad_x, float *grad_alpha) {
     const int64_t rows = p->rows, cols = p->cols;
     const int nt = sq_threads(p->nthreads, rows);
+    const int stream = sq_stream_worth_it(rows, cols, p->dtype);
     sq_scratch sc;
     if (sq_scratch_init(&sc, nt, 3 * cols) != SQ_OK) return SQ_ERR_NOMEM;
     int status = SQ_OK;
@@ -98,9 +101,10 @@ int sq_aq_backward_avx2(const sq_aq_params *p, const void *x, const float *alpha
                         acc_alpha[c] += (-gxt[c] * sq_load(x, p->dtype, base + c)) / (alpha[c] * alpha[c]);
                 }
             } else if (grad_x) {
-                sq_copy_span_avx2(gxt, cols, grad_x, p->dtype, base);
+                sq_copy_span_avx2(gxt, cols, grad_x, p->dtype, base, stream);
             }
         }
+        _mm_sfence();
     }
     if (status == SQ_OK && grad_alpha) sq_scratch_reduce(&sc, nt, 2 * cols, cols, grad_alpha);
     free(sc.base);

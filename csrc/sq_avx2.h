@@ -15,17 +15,22 @@
 
 #define SQ_ROUND (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 
+/* Outputs larger than this are written with non-temporal stores: they cannot stay in cache
+ * anyway, and streaming saves the read-for-ownership of every destination line. */
+#define SQ_STREAM_BYTES (8 << 20)
+
+static inline int sq_stream_worth_it(int64_t rows, int64_t cols, sq_dtype dt) {
+    return rows * cols * (dt == SQ_F32 ? 4 : 2) > SQ_STREAM_BYTES;
+}
+
 static inline __m256 sq_load8(const void *p, sq_dtype dt, int64_t idx) {
     if (dt == SQ_F32) return _mm256_loadu_ps((const float *)p + idx);
     __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + idx));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-static inline void sq_store8(void *p, sq_dtype dt, int64_t idx, __m256 v) {
-    if (dt == SQ_F32) {
-        _mm256_storeu_ps((float *)p + idx, v);
-        return;
-    }
+/* 8 floats -> 8 bfloat16, round to nearest even, NaN kept quiet (as sq_f32_to_bf16) */
+static inline __m128i sq_cvt8_bf16(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
@@ -33,8 +38,29 @@ static inline void sq_store8(void *p, sq_dtype dt, int64_t idx, __m256 v) {
                                              _mm256_set1_epi32(0x7f800000));
     const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
     r = _mm256_blendv_epi8(r, qnan, isnan);
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128((__m128i *)((uint16_t *)p + idx), packed);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+static inline void sq_store8(void *p, sq_dtype dt, int64_t idx, __m256 v) {
+    if (dt == SQ_F32)
+        _mm256_storeu_ps((float *)p + idx, v);
+    else
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + idx), sq_cvt8_bf16(v));
+}
+
+/* Streaming (non-temporal) variant for outputs much larger than the caches: skips the
+ * read-for-ownership of the destination.  Requires 32-byte (f32) / 16-byte (bf16) alignment. */
+static inline void sq_stream8(void *p, sq_dtype dt, int64_t idx, __m256 v) {
+    if (dt == SQ_F32)
+        _mm256_stream_ps((float *)p + idx, v);
+    else
+        _mm_stream_si128((__m128i *)((uint16_t *)p + idx), sq_cvt8_bf16(v));
+}
+
+/* Whether a span starting at out[idx] can be streamed. */
+static inline int sq_can_stream(const void *p, sq_dtype dt, int64_t idx, int stream) {
+    const uintptr_t addr = (uintptr_t)p + (uintptr_t)idx * (dt == SQ_F32 ? 4u : 2u);
+    return stream && (addr & (dt == SQ_F32 ? 31u : 15u)) == 0;
 }
 
 static inline float sq_hsum8(__m256 v) {
@@ -83,22 +109,33 @@ static inline int sq_minmax_avx2(const float *x, int64_t n, float *mx_out, float
 
 /* out[idx + c] = dequant(quant(x[c])) for c < n, stored as dt */
 static inline void sq_quant_span_avx2(const sq_grid *g, const float *x, int64_t n, void *out, sq_dtype dt,
-                                      int64_t idx) {
+                                      int64_t idx, int stream) {
+    stream = sq_can_stream(out, dt, idx, stream);
     const __m256 vs = _mm256_set1_ps(g->s), vz = _mm256_set1_ps(g->z);
     const __m256 lo = _mm256_set1_ps(g->qmin), hi = _mm256_set1_ps(g->qmax);
     int64_t c = 0;
     for (; c + 8 <= n; c += 8) {
         __m256 q = _mm256_add_ps(_mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + c), vs), SQ_ROUND), vz);
         q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
-        sq_store8(out, dt, idx + c, _mm256_mul_ps(_mm256_sub_ps(q, vz), vs));
+        const __m256 v = _mm256_mul_ps(_mm256_sub_ps(q, vz), vs);
+        if (stream)
+            sq_stream8(out, dt, idx + c, v);
+        else
+            sq_store8(out, dt, idx + c, v);
     }
     for (; c < n; ++c) sq_store(out, dt, idx + c, sq_grid_apply(g, x[c]));
 }
 
 /* out[idx + c] = x[c] for c < n, stored as dt */
-static inline void sq_copy_span_avx2(const float *x, int64_t n, void *out, sq_dtype dt, int64_t idx) {
+static inline void sq_copy_span_avx2(const float *x, int64_t n, void *out, sq_dtype dt, int64_t idx, int stream) {
+    stream = sq_can_stream(out, dt, idx, stream);
     int64_t c = 0;
-    for (; c + 8 <= n; c += 8) sq_store8(out, dt, idx + c, _mm256_loadu_ps(x + c));
+    for (; c + 8 <= n; c += 8) {
+        if (stream)
+            sq_stream8(out, dt, idx + c, _mm256_loadu_ps(x + c));
+        else
+            sq_store8(out, dt, idx + c, _mm256_loadu_ps(x + c));
+    }
     for (; c < n; ++c) sq_store(out, dt, idx + c, x[c]);
 }
 

@@ -47,6 +47,7 @@ static int group_grid_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const 
 
 int sq_wq_forward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, void *out) {
     const int64_t rows = p->rows, cols = p->cols, n_groups = cols / p->group;
+    const int stream = sq_stream_worth_it(rows, cols, p->dtype);
     const int nt = sq_threads(p->nthreads, rows);
     sq_scratch sc;
     if (sq_scratch_init(&sc, nt, cols) != SQ_OK) return SQ_ERR_NOMEM;
@@ -67,10 +68,11 @@ int sq_wq_forward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, void *out)
                     status = st;
                     continue;
                 }
-                sq_quant_span_avx2(&g, wt + c0, cq - c0, out, p->dtype, i * cols + c0);
-                sq_copy_span_avx2(wt + cq, c1 - cq, out, p->dtype, i * cols + cq);
+                sq_quant_span_avx2(&g, wt + c0, cq - c0, out, p->dtype, i * cols + c0, stream);
+                sq_copy_span_avx2(wt + cq, c1 - cq, out, p->dtype, i * cols + cq, stream);
             }
         }
+        _mm_sfence();
     }
     free(sc.base);
     return status;
