@@ -176,30 +176,48 @@ static inline void sq_load_span_avx2(const void *grad, sq_dtype dt, int64_t idx,
     for (; c < n; ++c) gx[c] = sq_load(grad, dt, idx + c);
 }
 
-/* The min/max of a span receive dmx / dmn, shared evenly between tied extremes (as amax/amin). */
+/* The min/max of a span receive dmx / dmn, shared evenly between tied extremes (as amax/amin).
+ * Extremes are rare, so one pass counts them and remembers the 8-wide blocks that hold one;
+ * only those blocks are revisited (a full second pass if there are too many). */
 static inline void sq_extremes_backward_avx2(const float *x, int64_t n, float mx, float mn, float dmx,
                                              float dmn, float *gx) {
+    enum { MAX_HITS = 64 };
+    int64_t hits[MAX_HITS];
+    int n_hits = 0, overflow = 0;
     const __m256 vmx = _mm256_set1_ps(mx), vmn = _mm256_set1_ps(mn);
     int64_t n_mx = 0, n_mn = 0, c = 0;
     for (; c + 8 <= n; c += 8) {
         const __m256 v = _mm256_loadu_ps(x + c);
-        n_mx += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, vmx, _CMP_EQ_OQ)));
-        n_mn += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, vmn, _CMP_EQ_OQ)));
+        const int m_mx = _mm256_movemask_ps(_mm256_cmp_ps(v, vmx, _CMP_EQ_OQ));
+        const int m_mn = _mm256_movemask_ps(_mm256_cmp_ps(v, vmn, _CMP_EQ_OQ));
+        if (m_mx | m_mn) {
+            n_mx += __builtin_popcount((unsigned)m_mx);
+            n_mn += __builtin_popcount((unsigned)m_mn);
+            if (n_hits < MAX_HITS)
+                hits[n_hits++] = c;
+            else
+                overflow = 1;
+        }
     }
+    const int64_t tail = c;
     for (; c < n; ++c) {
         n_mx += x[c] == mx;
         n_mn += x[c] == mn;
     }
     const float share_mx = dmx / (float)n_mx, share_mn = dmn / (float)n_mn;
-    const __m256 smx = _mm256_set1_ps(share_mx), smn = _mm256_set1_ps(share_mn);
-    for (c = 0; c + 8 <= n; c += 8) {
-        const __m256 v = _mm256_loadu_ps(x + c);
-        __m256 g = _mm256_loadu_ps(gx + c);
-        g = _mm256_add_ps(g, _mm256_and_ps(_mm256_cmp_ps(v, vmx, _CMP_EQ_OQ), smx));
-        g = _mm256_add_ps(g, _mm256_and_ps(_mm256_cmp_ps(v, vmn, _CMP_EQ_OQ), smn));
-        _mm256_storeu_ps(gx + c, g);
+    if (overflow) { /* many ties (e.g. a constant group): revisit everything */
+        for (c = 0; c < tail; ++c) {
+            if (x[c] == mx) gx[c] += share_mx;
+            if (x[c] == mn) gx[c] += share_mn;
+        }
+        n_hits = 0;
     }
-    for (; c < n; ++c) {
+    for (int h = 0; h < n_hits; ++h)
+        for (int64_t e = hits[h]; e < hits[h] + 8; ++e) {
+            if (x[e] == mx) gx[e] += share_mx;
+            if (x[e] == mn) gx[e] += share_mn;
+        }
+    for (c = tail; c < n; ++c) {
         if (x[c] == mx) gx[c] += share_mx;
         if (x[c] == mn) gx[c] += share_mn;
     }

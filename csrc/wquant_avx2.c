@@ -90,29 +90,35 @@ static void accumulate_alpha_avx2(const sq_wq_params *p, const sq_wq_inputs *in,
     for (; c < cols; ++c) acc[c] = fmaf(gwt[c], sq_load(in->w, p->dtype, base + c), acc[c]);
 }
 
-/* dB[i, k] = s * <gwt, A[k]>  and  acc_a[k] += s * B[i, k] * gwt, fused in one pass per k */
+/* dB[i, k] = s * <gwt, A[k]>  and  acc_a[k] += s * B[i, k] * gwt, all k in one pass over gwt */
 static void accumulate_lora_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const sq_wq_grads *gr,
                                  int64_t i, const float *gwt, float *acc_a) {
     const int64_t cols = p->cols;
-    for (int k = 0; k < p->rank; ++k) {
-        const float *a_k = in->lora_a + (int64_t)k * cols;
-        float *acc = acc_a + (int64_t)k * cols;
-        const float coef = p->lora_scaling * in->lora_b[i * p->rank + k];
-        const __m256 vcoef = _mm256_set1_ps(coef);
-        const int want_a = gr->grad_a != NULL;
-        __m256 vdot = _mm256_setzero_ps();
-        int64_t c = 0;
-        for (; c + 8 <= cols; c += 8) {
-            const __m256 g = _mm256_loadu_ps(gwt + c);
-            vdot = _mm256_fmadd_ps(g, _mm256_loadu_ps(a_k + c), vdot);
-            if (want_a) _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(vcoef, g, _mm256_loadu_ps(acc + c)));
+    const int rank = p->rank, want_a = gr->grad_a != NULL;
+    __m256 vdot[SQ_MAX_RANK], vcoef[SQ_MAX_RANK];
+    float coef[SQ_MAX_RANK];
+    for (int k = 0; k < rank; ++k) {
+        coef[k] = p->lora_scaling * in->lora_b[i * rank + k];
+        vcoef[k] = _mm256_set1_ps(coef[k]);
+        vdot[k] = _mm256_setzero_ps();
+    }
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+        const __m256 g = _mm256_loadu_ps(gwt + c);
+        for (int k = 0; k < rank; ++k) {
+            const int64_t off = (int64_t)k * cols + c;
+            vdot[k] = _mm256_fmadd_ps(g, _mm256_loadu_ps(in->lora_a + off), vdot[k]);
+            if (want_a) _mm256_storeu_ps(acc_a + off, _mm256_fmadd_ps(vcoef[k], g, _mm256_loadu_ps(acc_a + off)));
         }
-        float dot = sq_hsum8(vdot);
-        for (; c < cols; ++c) {
-            dot = fmaf(gwt[c], a_k[c], dot);
-            if (want_a) acc[c] = fmaf(coef, gwt[c], acc[c]);
+    }
+    for (int k = 0; k < rank; ++k) {
+        float dot = sq_hsum8(vdot[k]);
+        for (int64_t e = c; e < cols; ++e) {
+            const int64_t off = (int64_t)k * cols + e;
+            dot = fmaf(gwt[e], in->lora_a[off], dot);
+            if (want_a) acc_a[off] = fmaf(coef[k], gwt[e], acc_a[off]);
         }
-        if (gr->grad_b) gr->grad_b[i * p->rank + k] = p->lora_scaling * dot;
+        if (gr->grad_b) gr->grad_b[i * rank + k] = p->lora_scaling * dot;
     }
 }
 

@@ -371,3 +371,19 @@ def test_composes_with_torch_compile():
     compiled.backward()
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(u2.grad, u1.grad)
+
+
+@pytest.mark.parametrize("group", [None, 128])
+def test_many_tied_extremes(isa, group):
+    # integer-valued weights: every group has dozens of tied maxima and minima
+    g = torch.Generator().manual_seed(3)
+    w = torch.randint(-2, 3, (8, 1024), generator=g).float()
+    n_groups = 1 if group is None else 1024 // group
+    params = {"lwc_upper": torch.full((8, n_groups), 1.0), "lwc_lower": torch.full((8, n_groups), 1.0)}
+    grad = torch.randn(8, 1024, generator=g)
+    got = run_weight(ops.fake_quant_weight, w, params, grad, bits=3, group_size=group)
+    want = run_weight(reference.fake_quant_weight, w, params, grad, bits=3, group_size=group)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+    for name in params:
+        torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-4, atol=1e-5)
