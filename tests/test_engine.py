@@ -1,0 +1,174 @@
+"""The engine on tiny random models of every family, checked against hand-written oracles."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import sliderquant
+from sliderquant.config import QuantConfig
+from sliderquant.models import decoder_layers, layer_linears
+
+from test_models import FAMILIES, VOCAB, token_ids, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny matrices: one thread is much faster than two fighting over a busy machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def fast(method="sliderquant", **kw):
+    base = dict(method=method, wbits=2, epochs=4, batch_size=2, nsamples=6, seqlen=16)
+    base.update(kw)
+    return QuantConfig(**base)
+
+
+def minmax_fake_quant(w, bits, group_size=None):
+    """Oracle: asymmetric min-max quantize-dequantize, written out from ALGORITHM.md section 3."""
+    out_f, in_f = w.shape
+    g = in_f if group_size is None else group_size
+    wg = w.double().reshape(out_f, in_f // g, g)
+    hi, lo = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
+    s = ((hi - lo) / (2 ** bits - 1)).clamp(1e-5, 1e4)
+    z = torch.round(-lo / s)
+    q = torch.clamp(torch.round(wg / s) + z, 0, 2 ** bits - 1)
+    return ((q - z) * s).reshape(out_f, in_f)
+
+
+def assert_on_grid(model, bits):
+    tensors = model.sliderquant_state["tensors"]
+    n = 0
+    for i, layer in enumerate(decoder_layers(model)):
+        for name, lin in layer_linears(model, layer).items():
+            key = f"model.layers.{i}.{name}"
+            q, s, z = (tensors[f"{key}.{k}"] for k in ("qweight", "scales", "zeros"))
+            assert q.dtype == torch.int16 and int(q.min()) >= 0 and int(q.max()) <= 2 ** bits - 1
+            g = q.shape[1] // s.shape[1]
+            w_hat = ((q.double().reshape(q.shape[0], -1, g) - z.double()[..., None])
+                     * s.double()[..., None]).reshape(q.shape)
+            torch.testing.assert_close(lin.weight.double(), w_hat, rtol=1e-6, atol=1e-7)
+            # at most 2^b distinct values per row (per-channel)
+            if s.shape[1] == 1:
+                assert max(len(torch.unique(r)) for r in lin.weight) <= 2 ** bits
+            n += 1
+    assert n == 7 * len(decoder_layers(model))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sliderquant_runs_and_lands_on_grid(family):
+    model = tiny_model(family)
+    ids = token_ids()
+    sliderquant.quantize(model, fast(), ids)
+    assert_on_grid(model, 2)
+    table = model.sliderquant_table
+    # 3 layers: [0] [0,1] [1,2] [2] in each of the 2 stages
+    assert [tuple(r["window"]) for r in table] == [(0,), (0, 1), (1, 2), (2,)] * 2
+    assert [r["rate"] for r in table] == [0.5] * 4 + [1.0] * 4
+    for r in table:
+        assert r["loss_after"] <= r["loss_before"] * (1 + 1e-6), r
+    # the model still works and returned logits are finite
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_rtn_matches_minmax_oracle():
+    model = tiny_model("llama")
+    ref = {n: minmax_fake_quant(p.detach(), 3) for n, p in model.named_parameters()
+           if "layers" in n and p.dim() == 2}
+    sliderquant.quantize(model, fast("rtn", wbits=3))
+    for n, p in model.named_parameters():
+        if n in ref:
+            torch.testing.assert_close(p.detach().double(), ref[n], rtol=1e-6, atol=1e-7)
+    assert_on_grid(model, 3)
+
+
+def test_grouped_rtn_matches_oracle():
+    model = tiny_model("qwen2")
+    ref = {n: minmax_fake_quant(p.detach(), 2, 32) for n, p in model.named_parameters()
+           if "layers" in n and p.dim() == 2}
+    sliderquant.quantize(model, fast("rtn", group_size=32))
+    for n, p in model.named_parameters():
+        if n in ref:
+            torch.testing.assert_close(p.detach().double(), ref[n], rtol=1e-6, atol=1e-7)
+
+
+def test_omniquant_mode_is_single_layer_one_stage():
+    model = tiny_model("mistral")
+    sliderquant.quantize(model, fast("omniquant"), token_ids())
+    assert [tuple(r["window"]) for r in model.sliderquant_table] == [(0,), (1,), (2,)]
+    assert {r["rate"] for r in model.sliderquant_table} == {1.0}
+    assert_on_grid(model, 2)
+
+
+def test_gptq_runs_and_lands_on_grid():
+    model = tiny_model("qwen3")
+    sliderquant.quantize(model, fast("gptq", wbits=3), token_ids())
+    assert_on_grid(model, 3)
+
+
+def test_calibration_beats_rtn_on_layer_outputs():
+    """Oracle: the reconstruction error of the last layer output vs the fp model."""
+    ids = token_ids(n=8, t=16, seed=1)
+    ref = tiny_model("llama")
+    with torch.no_grad():
+        target = ref.model(ids).last_hidden_state
+
+    def err(method):
+        m = tiny_model("llama")
+        sliderquant.quantize(m, fast(method, wbits=3, epochs=10, nsamples=8), ids)
+        with torch.no_grad():
+            return torch.mean((m.model(ids).last_hidden_state - target) ** 2).item()
+    assert err("sliderquant") < err("rtn")
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_model("qwen2")
+    ids = token_ids()
+    sliderquant.quantize(model, fast(wbits=3, group_size=32), ids)
+    sliderquant.save(model, tmp_path)
+    loaded = sliderquant.load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    for k, v in model.sliderquant_state["tensors"].items():
+        assert torch.equal(v, loaded.sliderquant_state["tensors"][k])
+    assert loaded.sliderquant_state["config"]["group_size"] == 32
+    # plain transformers loads it too
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
+def test_load_refuses_corrupt_directories(tmp_path):
+    model = tiny_model("llama")
+    sliderquant.quantize(model, fast("rtn"))
+    sliderquant.save(model, tmp_path)
+    meta = tmp_path / "sliderquant_quant.json"
+    good = meta.read_text()
+    meta.write_text(good[:20])
+    with pytest.raises(ValueError, match="sliderquant_quant.json"):
+        sliderquant.load(tmp_path)
+    meta.write_text(good)
+    blob = tmp_path / "sliderquant_quant.safetensors"
+    blob.write_bytes(blob.read_bytes()[:100])
+    with pytest.raises(ValueError, match="sliderquant_quant.safetensors"):
+        sliderquant.load(tmp_path)
+    blob.unlink()
+    with pytest.raises(ValueError, match="missing"):
+        sliderquant.load(tmp_path)
+
+
+def test_errors():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="calibration"):
+        sliderquant.quantize(model, fast())
+    with pytest.raises(ValueError, match="vocabulary"):
+        sliderquant.quantize(model, fast(), torch.full((2, 8), VOCAB + 5))
+    with pytest.raises(ValueError, match="group_size 40"):
+        sliderquant.quantize(tiny_model("llama"), fast("rtn", group_size=40))
+    with pytest.raises(ValueError, match="no sliderquant quantization state"):
+        sliderquant.save(tiny_model("llama"), "/tmp/never")
