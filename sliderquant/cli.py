@@ -1,0 +1,156 @@
+"""Command line: ``sliderquant quantize | eval | schedule``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("sliderquant")
+
+# command-line overrides of QuantConfig fields: flag -> (field, type)
+_OVERRIDES = {
+    "--method": ("method", str), "--wbits": ("wbits", int), "--abits": ("abits", int),
+    "--epochs": ("epochs", int), "--batch-size": ("batch_size", int), "--lwc-lr": ("lwc_lr", float),
+    "--lora-lr": ("lora_lr", float), "--scale-lr": ("scale_lr", float),
+    "--lora-rank": ("lora_rank", int), "--seed": ("seed", int), "--nsamples": ("nsamples", int),
+    "--seqlen": ("seqlen", int),
+    "--calib": ("calib", str), "--autocast": ("autocast", str),
+}
+
+
+def _group_size(text: str):
+    if text.lower() in ("none", "channel", "per-channel", "null"):
+        return "channel"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--group-size takes an integer or 'channel', got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sliderquant", description="SliderQuant post-training quantization")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a Hugging Face causal LM")
+    q.add_argument("--model", required=True, help="local directory, hub id, .gguf file or smollm2-135m")
+    q.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    q.add_argument("--config", default=None, help="YAML config (e.g. configs/w2a16.yaml)")
+    for flag, (_, typ) in _OVERRIDES.items():
+        q.add_argument(flag, type=typ, default=None)
+    q.add_argument("--group-size", type=_group_size, default=None, help="integer or 'channel'")
+    q.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None)
+    q.add_argument("--out", required=True, help="output directory (Hugging Face format + codes)")
+    q.add_argument("--work-dir", default=None, help="resumable work directory")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    e = sub.add_parser("eval", help="perplexity of a (quantized) model")
+    e.add_argument("--model", required=True)
+    e.add_argument("--gguf-file", default=None)
+    e.add_argument("--ppl", required=True, help="wikitext2, c4 or a text file")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--threads", type=int, default=None)
+
+    s = sub.add_parser("schedule", help="print the window schedule")
+    s.add_argument("--layers", type=int, required=True)
+    s.add_argument("--config", default=None)
+    s.add_argument("--method", default=None)
+    s.add_argument("--shallow", type=int, default=None)
+    s.add_argument("--deep", type=int, default=None)
+    s.add_argument("--size", type=int, default=None)
+    s.add_argument("--stride", type=int, default=None)
+    return p
+
+
+def _config(args):
+    from .config import QuantConfig
+    cfg = QuantConfig.from_yaml(args.config) if args.config else QuantConfig()
+    data = cfg.to_dict()
+    for flag, (field, _) in _OVERRIDES.items():
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None:
+            data[field] = value
+    if args.group_size is not None:
+        data["group_size"] = None if args.group_size == "channel" else args.group_size
+    if args.symmetric is not None:
+        data["symmetric"] = args.symmetric
+    return QuantConfig.from_dict(data)
+
+
+def cmd_quantize(args) -> int:
+    from . import api, data
+    cfg = _config(args)
+    log.info("config: %s", json.dumps(cfg.to_dict()))
+    model, tokenizer = data.load_model(args.model, gguf_file=args.gguf_file)
+    calib = None
+    if cfg.method != "rtn":
+        t0 = time.time()
+        if cfg.calib == "sample":
+            calib = data.sample_from_model(model, cfg.nsamples, cfg.seqlen, seed=cfg.seed)
+        else:
+            calib = data.get_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+        log.info("calibration: %s, %d x %d tokens (%.1fs)", cfg.calib, *calib.shape, time.time() - t0)
+    t0 = time.time()
+    api.quantize(model, cfg, calib, work_dir=args.work_dir)
+    log.info("%s done in %.1fs", cfg.method, time.time() - t0)
+    api.save(model, args.out, tokenizer=tokenizer)
+    log.info("saved to %s", args.out)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import api, data
+    from .evaluate import perplexity
+    if os.path.exists(os.path.join(args.model, api.QUANT_META)):
+        model = api.load(args.model)
+        tokenizer = data.load_tokenizer(args.model)
+    else:
+        model, tokenizer = data.load_model(args.model, gguf_file=args.gguf_file)
+    tokens = data.get_eval_tokens(args.ppl, tokenizer, args.seqlen)
+    t0 = time.time()
+    ppl = perplexity(model, tokens, args.seqlen, max_windows=args.max_windows,
+                     progress=not args.json)
+    result = {"model": args.model, "dataset": args.ppl, "seqlen": args.seqlen,
+              "max_windows": args.max_windows, "perplexity": ppl, "seconds": time.time() - t0}
+    state = getattr(model, "sliderquant_state", None)
+    if state is not None:
+        c = state["config"]
+        result["quant"] = {k: c[k] for k in ("method", "wbits", "abits", "group_size")}
+    print(json.dumps(result) if args.json else f"{args.ppl} perplexity (seqlen {args.seqlen}): {ppl:.4f}")
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from .config import QuantConfig
+    from .engine import plan
+    from .schedule import format_windows
+    cfg = QuantConfig.from_yaml(args.config) if args.config else QuantConfig()
+    changes = {"method": args.method, "shallow_layers": args.shallow, "deep_layers": args.deep,
+               "window_size": args.size, "stride": args.stride}
+    cfg = cfg.replace(**changes)
+    windows, rates, _, epochs = plan(cfg, args.layers)
+    print(f"{len(windows)} windows x {len(rates)} stages {rates}, {epochs} epochs per stage")
+    print(format_windows(windows))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+    try:
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "schedule": cmd_schedule}[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
