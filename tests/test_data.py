@@ -127,3 +127,13 @@ def test_perplexity_matches_hand_computation():
     assert perplexity(model, rows, seqlen, progress=False) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError):
         perplexity(model, tokens[:5], seqlen)
+
+
+def test_gguf_names_resolve_to_dir_and_file(tmp_path, monkeypatch):
+    from sliderquant import data
+    f = tmp_path / "m.Q4_1.gguf"
+    f.write_bytes(b"")
+    assert data._resolve_model(str(f), None) == (str(tmp_path), "m.Q4_1.gguf")
+    assert data._resolve_model("org/model", None) == ("org/model", None)
+    monkeypatch.setattr(data, "smollm2_gguf_path", lambda: f)
+    assert data._resolve_model("SmolLM2-135M", None) == (str(tmp_path), "m.Q4_1.gguf")
