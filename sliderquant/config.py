@@ -50,7 +50,7 @@ class QuantConfig:
     group_size: int | None = None
     symmetric: bool = False
     # calibration
-    calib: str = "c4"
+    calib: str = "c4"                # c4 | wikitext2 | a text file | sample (from the fp model)
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 2
@@ -139,8 +139,8 @@ class QuantConfig:
                 "scale": self.scale_lr * factor}
 
     def stage_epochs(self) -> int:
-        """Epochs per stage (total split evenly, at least one)."""
-        return max(1, self.epochs // len(self.quant_rates))
+        """Epochs per stage: the total split evenly (at least one unless ``epochs`` is 0)."""
+        return 0 if self.epochs == 0 else max(1, self.epochs // len(self.quant_rates))
 
     # ---- validation -------------------------------------------------------------------------
     def validate(self) -> None:
