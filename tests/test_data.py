@@ -13,6 +13,16 @@ from sliderquant.evaluate import perplexity
 from conftest import require_asset
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The models here are tiny: one intra-op thread is faster, and on a busy 2-core machine
+    # OpenMP's waiting threads slow small ops down by orders of magnitude.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def stories():
     return load_model(require_asset("stories260k"))
