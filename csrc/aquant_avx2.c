@@ -34,7 +34,7 @@ int sq_aq_forward_avx2(const sq_aq_params *p, const void *x, const float *alpha,
 #pragma omp parallel num_threads(nt)
     {
         float *xt = sq_scratch_thread(&sc, SQ_THREAD_ID());
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, SQ_ROW_CHUNK)
         for (int64_t i = 0; i < rows; ++i) {
             load_row_avx2(p, x, alpha, i, xt);
             sq_grid g;
@@ -58,15 +58,22 @@ int sq_aq_backward_avx2(const sq_aq_params *p, const void *x, const float *alpha
     const int64_t rows = p->rows, cols = p->cols;
     const int nt = sq_threads(p->nthreads, rows);
     const int stream = sq_stream_worth_it(rows, cols, p->dtype);
-    sq_scratch sc;
-    if (sq_scratch_init(&sc, nt, 3 * cols) != SQ_OK) return SQ_ERR_NOMEM;
+    const int nslots = sq_slots(rows);
+    sq_scratch sc, acc; /* per thread: xt and dL/dXt rows; per slot: the alpha accumulator */
+    if (sq_scratch_init(&sc, nt, 2 * cols) != SQ_OK) return SQ_ERR_NOMEM;
+    if (sq_scratch_init(&acc, nslots, cols) != SQ_OK) {
+        free(sc.base);
+        return SQ_ERR_NOMEM;
+    }
     int status = SQ_OK;
 #pragma omp parallel num_threads(nt)
     {
         float *xt = sq_scratch_thread(&sc, SQ_THREAD_ID());
-        float *gxt = xt + cols, *acc_alpha = xt + 2 * cols;
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < rows; ++i) {
+        float *gxt = xt + cols;
+#pragma omp for schedule(dynamic, 1)
+        for (int slot = 0; slot < nslots; ++slot) {
+        float *acc_alpha = sq_scratch_thread(&acc, slot);
+        for (int64_t i = sq_slot_begin(rows, slot, nslots); i < sq_slot_begin(rows, slot + 1, nslots); ++i) {
             const int64_t base = i * cols;
             load_row_avx2(p, x, alpha, i, xt);
             sq_grid g;
@@ -104,10 +111,12 @@ int sq_aq_backward_avx2(const sq_aq_params *p, const void *x, const float *alpha
                 sq_copy_span_avx2(gxt, cols, grad_x, p->dtype, base, stream);
             }
         }
+        }
         _mm_sfence();
     }
-    if (status == SQ_OK && grad_alpha) sq_scratch_reduce(&sc, nt, 2 * cols, cols, grad_alpha);
+    if (status == SQ_OK && grad_alpha) sq_scratch_reduce(&acc, nslots, 0, cols, grad_alpha);
     free(sc.base);
+    free(acc.base);
     return status;
 }
 

@@ -138,7 +138,18 @@ static inline void sq_grid_backward(const sq_grid *g, int symmetric, int has_u, 
     *dmn = has_l ? d_lo * g->sig_l : d_lo;
 }
 
-/* Per-thread scratch of the backward kernels: zeroed accumulators reduced after the loop. */
+/* Forward kernels hand out rows in dynamically scheduled chunks (robust when a core is busy
+ * with another process).  Backward kernels split the rows into a fixed number of slots, each with
+ * its own accumulators, summed in slot order afterwards: the gradients are then bitwise the same
+ * whatever the thread count and the scheduling. */
+#define SQ_ROW_CHUNK 8
+#define SQ_SLOTS 16
+
+static inline int sq_slots(int64_t rows) { return rows < SQ_SLOTS ? (int)rows : SQ_SLOTS; }
+
+static inline int64_t sq_slot_begin(int64_t rows, int slot, int nslots) { return rows * slot / nslots; }
+
+/* Zeroed scratch blocks (one per thread or per slot), reduced in block order. */
 typedef struct {
     float *base;
     int64_t per_thread;

@@ -55,7 +55,7 @@ int sq_wq_forward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, void *out)
 #pragma omp parallel num_threads(nt)
     {
         float *wt = sq_scratch_thread(&sc, SQ_THREAD_ID());
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, SQ_ROW_CHUNK)
         for (int64_t i = 0; i < rows; ++i) {
             transform_row_avx2(p, in, i, wt);
             for (int64_t j = 0; j < n_groups; ++j) {
@@ -126,16 +126,22 @@ int sq_wq_backward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const sq_
     const int64_t rows = p->rows, cols = p->cols, n_groups = cols / p->group;
     const int rank = p->rank;
     const int nt = sq_threads(p->nthreads, rows);
-    const int64_t off_gwt = cols, off_alpha = 2 * cols, off_a = 3 * cols;
-    sq_scratch sc;
-    if (sq_scratch_init(&sc, nt, 3 * cols + (int64_t)rank * cols) != SQ_OK) return SQ_ERR_NOMEM;
+    const int nslots = sq_slots(rows);
+    const int64_t off_alpha = 0, off_a = cols;
+    sq_scratch sc, acc;
+    if (sq_scratch_init(&sc, nt, 2 * cols) != SQ_OK) return SQ_ERR_NOMEM;
+    if (sq_scratch_init(&acc, nslots, cols + (int64_t)rank * cols) != SQ_OK) {
+        free(sc.base);
+        return SQ_ERR_NOMEM;
+    }
     int status = SQ_OK;
 #pragma omp parallel num_threads(nt)
     {
-        float *scratch = sq_scratch_thread(&sc, SQ_THREAD_ID());
-        float *wt = scratch, *gwt = scratch + off_gwt;
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < rows; ++i) {
+        float *wt = sq_scratch_thread(&sc, SQ_THREAD_ID()), *gwt = wt + cols;
+#pragma omp for schedule(dynamic, 1)
+        for (int slot = 0; slot < nslots; ++slot) {
+        float *slot_acc = sq_scratch_thread(&acc, slot);
+        for (int64_t i = sq_slot_begin(rows, slot, nslots); i < sq_slot_begin(rows, slot + 1, nslots); ++i) {
             transform_row_avx2(p, in, i, wt);
             for (int64_t j = 0; j < n_groups; ++j) {
                 const int64_t c0 = j * p->group, c1 = c0 + p->group;
@@ -161,15 +167,17 @@ int sq_wq_backward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const sq_
                 if (gr->grad_l) gr->grad_l[i * n_groups + j] = dl;
             }
             if (gr->grad_wt) memcpy(gr->grad_wt + i * cols, gwt, (size_t)cols * sizeof(float));
-            if (gr->grad_alpha) accumulate_alpha_avx2(p, in, i, gwt, scratch + off_alpha);
-            if (rank) accumulate_lora_avx2(p, in, gr, i, gwt, scratch + off_a);
+            if (gr->grad_alpha) accumulate_alpha_avx2(p, in, i, gwt, slot_acc + off_alpha);
+            if (rank) accumulate_lora_avx2(p, in, gr, i, gwt, slot_acc + off_a);
+        }
         }
     }
     if (status == SQ_OK) {
-        if (gr->grad_alpha) sq_scratch_reduce(&sc, nt, off_alpha, cols, gr->grad_alpha);
-        if (rank && gr->grad_a) sq_scratch_reduce(&sc, nt, off_a, (int64_t)rank * cols, gr->grad_a);
+        if (gr->grad_alpha) sq_scratch_reduce(&acc, nslots, off_alpha, cols, gr->grad_alpha);
+        if (rank && gr->grad_a) sq_scratch_reduce(&acc, nslots, off_a, (int64_t)rank * cols, gr->grad_a);
     }
     free(sc.base);
+    free(acc.base);
     return status;
 }
 

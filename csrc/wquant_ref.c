@@ -44,7 +44,7 @@ int sq_wq_forward_ref(const sq_wq_params *p, const sq_wq_inputs *in, void *out) 
 #pragma omp atomic write
             status = SQ_ERR_NOMEM;
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, SQ_ROW_CHUNK)
         for (int64_t i = 0; i < rows; ++i) {
             if (!wt) continue;
             transform_row(p, in, i, wt);
@@ -71,18 +71,23 @@ int sq_wq_backward_ref(const sq_wq_params *p, const sq_wq_inputs *in, const sq_w
     const int64_t rows = p->rows, cols = p->cols, n_groups = cols / p->group;
     const int rank = p->rank;
     const int nt = sq_threads(p->nthreads, rows);
-    /* per thread: wt row, dL/dWt row, alpha accumulator, A accumulator */
-    const int64_t off_gwt = cols, off_alpha = 2 * cols, off_a = 3 * cols;
-    sq_scratch sc;
-    if (sq_scratch_init(&sc, nt, 3 * cols + (int64_t)rank * cols) != SQ_OK) return SQ_ERR_NOMEM;
+    const int nslots = sq_slots(rows);
+    /* per thread: wt row and dL/dWt row; per slot: alpha and A accumulators */
+    const int64_t off_alpha = 0, off_a = cols;
+    sq_scratch sc, acc;
+    if (sq_scratch_init(&sc, nt, 2 * cols) != SQ_OK) return SQ_ERR_NOMEM;
+    if (sq_scratch_init(&acc, nslots, cols + (int64_t)rank * cols) != SQ_OK) {
+        free(sc.base);
+        return SQ_ERR_NOMEM;
+    }
     int status = SQ_OK;
 #pragma omp parallel num_threads(nt)
     {
-        float *scratch = sq_scratch_thread(&sc, SQ_THREAD_ID());
-        float *wt = scratch, *gwt = scratch + off_gwt;
-        float *acc_alpha = scratch + off_alpha, *acc_a = scratch + off_a;
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < rows; ++i) {
+        float *wt = sq_scratch_thread(&sc, SQ_THREAD_ID()), *gwt = wt + cols;
+#pragma omp for schedule(dynamic, 1)
+        for (int slot = 0; slot < nslots; ++slot) {
+        float *acc_alpha = sq_scratch_thread(&acc, slot) + off_alpha, *acc_a = sq_scratch_thread(&acc, slot) + off_a;
+        for (int64_t i = sq_slot_begin(rows, slot, nslots); i < sq_slot_begin(rows, slot + 1, nslots); ++i) {
             transform_row(p, in, i, wt);
             for (int64_t j = 0; j < n_groups; ++j) {
                 const int64_t c0 = j * p->group, c1 = c0 + p->group;
@@ -143,11 +148,13 @@ int sq_wq_backward_ref(const sq_wq_params *p, const sq_wq_inputs *in, const sq_w
                 }
             }
         }
+        }
     }
     if (status == SQ_OK) {
-        if (gr->grad_alpha) sq_scratch_reduce(&sc, nt, off_alpha, cols, gr->grad_alpha);
-        if (rank && gr->grad_a) sq_scratch_reduce(&sc, nt, off_a, (int64_t)rank * cols, gr->grad_a);
+        if (gr->grad_alpha) sq_scratch_reduce(&acc, nslots, off_alpha, cols, gr->grad_alpha);
+        if (rank && gr->grad_a) sq_scratch_reduce(&acc, nslots, off_a, (int64_t)rank * cols, gr->grad_a);
     }
     free(sc.base);
+    free(acc.base);
     return status;
 }

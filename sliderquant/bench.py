@@ -1,10 +1,14 @@
-"""Benchmarks: ``python -m sliderquant.bench kernels [--json] [--reps N] [--dtype bf16]``.
+"""Benchmarks: ``python -m sliderquant.bench kernels|calibrate [--json] ...``.
 
 ``kernels`` times the fused C kernels against the eager pure-torch reference (the same math,
 :mod:`sliderquant.reference`) on LLM-sized weights, with a memory-copy bandwidth measured in the
 same run as the roofline.  Outputs and gradients of the C kernels are preallocated; the eager
 reference allocates as eager PyTorch does.  Times are medians; threads are pinned to 2 by default
 (``--threads``) so numbers are comparable across machines of this project.
+
+``calibrate`` runs a few SliderQuant windows of a real model three ways in one run: the engine
+with the C kernels, the same engine on the pure-torch path, and a plain full-precision
+forward+backward of the same windows and mini-batches (no quantization: the floor).
 """
 
 from __future__ import annotations
@@ -149,6 +153,106 @@ def bench_kernels(reps: int = 10, dtype: torch.dtype = torch.float32, threads: i
     return results
 
 
+def _time_floor(block, x, target, layer_kwargs, batch_size, epochs, gen):
+    """Full-precision forward + backward (weight gradients included) of the window's mini-batches."""
+    import torch.nn.functional as F
+
+    from . import models
+    params = [p for p in block.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    t0 = time.perf_counter()
+    n = x.shape[0]
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            h = x[idx]
+            for layer in block:
+                h = models.call_layer(layer, h, layer_kwargs)
+            loss = F.mse_loss(h.float(), target[idx])
+            for p in params:
+                p.grad = None
+            loss.backward()
+    elapsed = time.perf_counter() - t0
+    for p, f in zip(params, flags):
+        p.requires_grad_(f)
+        p.grad = None
+    return elapsed
+
+
+def bench_calibrate(model_name: str = "smollm2-135m", nsamples: int = 6, seqlen: int = 512,
+                    batch_size: int = 3, windows=((0, 1), (14, 15)), config: str = "configs/w2a16g64.yaml",
+                    threads: int = 2, epochs: int = 1):
+    """Seconds per window-epoch: C kernels vs pure-torch path vs the full-precision floor."""
+    import contextlib
+    import os
+
+    from . import data, engine, models
+    from .config import QuantConfig
+
+    torch.set_num_threads(threads)
+    model, tokenizer = data.load_model(model_name)
+    calib = data.get_calibration("c4", tokenizer, nsamples, seqlen, seed=0)
+    cfg = QuantConfig.from_yaml(config)
+    cfg.batch_size = batch_size
+    layers = models.decoder_layers(model)
+    with torch.no_grad():
+        x0, layer_kwargs = models.capture_layer0_inputs(model, calib)
+    x0 = x0.float()
+    amp = contextlib.nullcontext()
+    inputs = {}
+    for a, b in windows:   # fp inputs and targets of each window, before any wrapping
+        x_in = engine.forward_layers(layers[:a], x0, layer_kwargs, amp)
+        inputs[(a, b)] = (x_in, engine.forward_layers(layers[a:b + 1], x_in, layer_kwargs, amp))
+    floor = {w: _time_floor(layers[w[0]:w[1] + 1], *inputs[w], layer_kwargs, batch_size, epochs,
+                            torch.Generator().manual_seed(0)) for w in windows}
+    qlayers = engine.wrap_layers(model, cfg, lwc=True, lora_rank=cfg.lora_rank)
+    rows = []
+    for a, b in windows:
+        x_in, target = inputs[(a, b)]
+        block, qblock = layers[a:b + 1], qlayers[a:b + 1]
+        start_state = [{n: q.learned_state() for n, q in d.items()} for d in qblock]
+        times = {}
+        for path in ("c", "torch"):
+            for d, st in zip(qblock, start_state):
+                for n, q in d.items():
+                    q.load_learned_state(st[n])
+            previous = os.environ.get("SLIDERQUANT_ISA")
+            if path == "torch":
+                os.environ["SLIDERQUANT_ISA"] = "torch"
+            try:
+                t0 = time.perf_counter()
+                engine._train_window(block, qblock, x_in, target, layer_kwargs, cfg, epochs, amp,
+                                     torch.Generator().manual_seed(0))
+                times[path] = (time.perf_counter() - t0) / epochs
+            finally:
+                if previous is None:
+                    os.environ.pop("SLIDERQUANT_ISA", None)
+                else:
+                    os.environ["SLIDERQUANT_ISA"] = previous
+        fl = floor[(a, b)] / epochs
+        rows.append(dict(window=f"{a}-{b}", model=model_name, samples=nsamples, seqlen=seqlen,
+                         batch_size=batch_size, config=os.path.basename(config), floor_s=fl,
+                         c_s=times["c"], torch_s=times["torch"], speedup=times["torch"] / times["c"],
+                         overhead=times["c"] / fl - 1.0, backend=ops.backend(), threads=threads))
+    return rows
+
+
+def _print_calibrate(rows):
+    head = f"{'window':<7} {'floor s':>8} {'C s':>8} {'torch s':>8} {'C vs torch':>10} {'overhead':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['window']:<7} {r['floor_s']:8.2f} {r['c_s']:8.2f} {r['torch_s']:8.2f} {r['speedup']:9.2f}x "
+              f"{100 * r['overhead']:8.1f}%")
+    r = rows[0]
+    print(f"\nseconds per window-epoch; {r['model']}, {r['samples']} samples x {r['seqlen']} tokens, batch "
+          f"{r['batch_size']}, {r['config']}, backend={r['backend']}, threads={r['threads']}. floor = full-precision "
+          "forward+backward of the same mini-batches; overhead = C / floor - 1.")
+
+
 def _print_table(rows):
     head = f"{'kernel':<15} {'shape':<11} {'config':<28} {'eager ms':>9} {'C ms':>8} {'speedup':>8} " \
            f"{'GB/s':>6} {'copy GB/s':>9} {'% copy':>6}"
@@ -171,8 +275,27 @@ def main(argv=None):
     k.add_argument("--threads", type=int, default=2)
     k.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     k.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
+    c = sub.add_parser("calibrate", help="SliderQuant windows of a real model: C vs torch vs fp floor")
+    c.add_argument("--model", default="smollm2-135m")
+    c.add_argument("--config", default="configs/w2a16g64.yaml")
+    c.add_argument("--nsamples", type=int, default=6)
+    c.add_argument("--seqlen", type=int, default=512)
+    c.add_argument("--batch-size", type=int, default=3)
+    c.add_argument("--windows", default="0-1,14-15", help="comma-separated first-last layer ranges")
+    c.add_argument("--epochs", type=int, default=1)
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if args.command == "kernels":
+    if args.command == "calibrate":
+        windows = tuple(tuple(int(v) for v in w.split("-")) for w in args.windows.split(","))
+        rows = bench_calibrate(args.model, args.nsamples, args.seqlen, args.batch_size, windows, args.config,
+                               args.threads, args.epochs)
+        if args.json:
+            json.dump(rows, sys.stdout, indent=1)
+            print()
+        else:
+            _print_calibrate(rows)
+    elif args.command == "kernels":
         dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
         rows = bench_kernels(args.reps, dtype, args.threads, args.quick)
         if args.json:

@@ -55,8 +55,13 @@ def _use_c(t: Tensor) -> bool:
     return _C is not None and t.device.type == "cpu" and os.environ.get("SLIDERQUANT_ISA") != "torch"
 
 
-def _nthreads() -> int:
-    return max(1, torch.get_num_threads())
+# At least this many elements per thread: below it, waking a second thread costs more than it
+# saves (and on a loaded machine a descheduled thread stalls the whole call).
+GRAIN = 1 << 18
+
+
+def _nthreads(numel: int) -> int:
+    return max(1, min(torch.get_num_threads(), -(-numel // GRAIN)))
 
 
 def _empty() -> Tensor:
@@ -76,7 +81,7 @@ def _wq(w: Tensor, channel_scale: Optional[Tensor], lora_a: Optional[Tensor], lo
         symmetric: bool, lora_scaling: float) -> Tensor:
     out = torch.empty_like(w, memory_format=torch.contiguous_format)
     _C.wq_forward(*_raw(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower), out, bits, group_size, n_quant,
-                  symmetric, lora_scaling, _nthreads())
+                  symmetric, lora_scaling, _nthreads(w.numel()))
     return out
 
 
@@ -95,7 +100,7 @@ def _wq_bwd(grad: Tensor, w: Tensor, channel_scale: Optional[Tensor], lora_a: Op
     outs = [torch.empty_like(p) if (p is not None and need) else None for p, need in zip(params, needs[1:])]
     grad_wt = torch.empty(w.shape, dtype=torch.float32) if needs[0] else None
     _C.wq_backward(*_raw(w, *params, grad), *outs, grad_wt, bits, group_size, n_quant, symmetric, lora_scaling,
-                   _nthreads())
+                   _nthreads(w.numel()))
     if grad_wt is not None:
         grad_w = (grad_wt * channel_scale.detach() if channel_scale is not None else grad_wt).to(w.dtype)
     else:
@@ -131,7 +136,7 @@ _wq.register_autograd(_wq_backward, setup_context=_wq_setup)
 @torch.library.custom_op("sliderquant::fake_quant_act", mutates_args=())
 def _aq(x: Tensor, channel_scale: Optional[Tensor], bits: int, n_quant: int, symmetric: bool) -> Tensor:
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _C.aq_forward(*_raw(x, channel_scale), out, bits, n_quant, symmetric, _nthreads())
+    _C.aq_forward(*_raw(x, channel_scale), out, bits, n_quant, symmetric, _nthreads(x.numel()))
     return out
 
 
@@ -145,7 +150,7 @@ def _aq_bwd(grad: Tensor, x: Tensor, channel_scale: Optional[Tensor], bits: int,
             needs: List[bool]) -> List[Tensor]:
     grad_x = torch.empty_like(x) if needs[0] else None
     grad_cs = torch.empty_like(channel_scale) if (channel_scale is not None and needs[1]) else None
-    _C.aq_backward(*_raw(x, channel_scale, grad), grad_x, grad_cs, bits, n_quant, symmetric, _nthreads())
+    _C.aq_backward(*_raw(x, channel_scale, grad), grad_x, grad_cs, bits, n_quant, symmetric, _nthreads(x.numel()))
     return [g if g is not None else _empty() for g in (grad_x, grad_cs)]
 
 
