@@ -17,7 +17,8 @@ batch_size         mini-batch size (and the learning-rate multiplier)
 num_layer          size of the intermediate sliding window (``window_size``)
 sliding_layer      stride of the intermediate window (``stride``); null = ``num_layer``
 fill_window_size   length of both the PESW and the PCSW phase (``shallow_layers = deep_layers``)
-lora_rank          rank r of the low-rank refinement
+lora_rank          rank r of the low-rank refinement (the update ``B A`` is scaled by
+                   ``lora_alpha / r``; their layers use alpha = 1, so 1/r)
 quant_step         number of intra-layer stages S; ratios ``k / S`` for k = 1..S
 quant_rate         the current stage's ratio in their code, overwritten by the stage list
                    derived from ``quant_step``; accepted, must lie in (0, 1], has no effect
@@ -62,6 +63,7 @@ class QuantConfig:
     scale_lr: float = 0.0
     scale_lr_by_batch: bool = True
     lora_rank: int = 4
+    lora_alpha: float = 1.0          # LoRA scaling = lora_alpha / lora_rank (authors: alpha 1)
     autocast: str = "auto"           # auto: bf16 on CUDA, fp32 on CPU; or "bf16" / "fp32"
     # schedule
     shallow_layers: int = 4
@@ -159,7 +161,7 @@ class QuantConfig:
         _int("seed", self.seed, 0)
         _int("epochs", self.epochs, 0)
         _int("batch_size", self.batch_size, 1)
-        for name in ("lwc_lr", "lora_lr", "scale_lr", "gptq_damp"):
+        for name in ("lwc_lr", "lora_lr", "scale_lr", "gptq_damp", "lora_alpha"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0:

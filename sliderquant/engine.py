@@ -43,6 +43,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor
                    work_dir: str | None = None) -> nn.Module:
     """Quantize ``model`` in place with ``cfg``; returns it with ``model.sliderquant_state``."""
     models.family_of(model)
+    if getattr(model, "sliderquant_state", None) is not None:
+        raise ValueError("this model is already quantized by sliderquant; start from the fp model")
     layers = models.decoder_layers(model)
     was_training = model.training
     model.eval()
@@ -94,7 +96,8 @@ def wrap_layers(model: nn.Module, cfg: QuantConfig, lwc: bool, lora_rank: int,
                 raise RuntimeError("this model is already quantized by sliderquant")
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i * 1009 + j)
             ql = QuantLinear(lin, cfg.wbits, cfg.group_size, cfg.symmetric, cfg.abits,
-                             lora_rank=lora_rank, lwc=lwc, channel_scale=channel_scale, generator=gen)
+                             lora_rank=lora_rank, lwc=lwc, channel_scale=channel_scale,
+                             lora_scaling=cfg.lora_alpha / max(lora_rank, 1), generator=gen)
             ql.to(lin.weight.device)
             models.set_submodule(layer, name, ql)
             qls[name] = ql
