@@ -1,0 +1,98 @@
+"""The main job: quantize a real small model offline and print its quality.
+
+    python examples/quickstart.py                       # SmolLM2-135M, W2A16 g64, about 10 minutes on 2 cores
+    python examples/quickstart.py --model stories260k   # the tiny real Llama, W2A16 per-channel, about a minute
+
+Loads the model once, then for each method (full precision, RTN, SliderQuant; add GPTQ and
+OmniQuant with --methods) quantizes a fresh copy with the same calibration set and prints
+WikiText-2 perplexity (GPTQ protocol; the first --max-windows windows) with the wall-clock time of
+each method.  stories260k's training text is not available, so for it calibration and evaluation
+text are sampled from the full-precision model itself (different seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+
+import torch
+
+import sliderquant
+from sliderquant import assets, data, evaluate
+from sliderquant.config import QuantConfig
+
+METHODS = ("fp", "rtn", "gptq", "omniquant", "sliderquant")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, stories260k or a path")
+    parser.add_argument("--config", default=None,
+                        help="default: configs/w2a16g64.yaml (stories260k: configs/w2a16.yaml, per-channel)")
+    parser.add_argument("--methods", default="fp,rtn,sliderquant",
+                        help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--nsamples", type=int, default=None)
+    parser.add_argument("--seqlen", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None, help="total epochs (split over the stages)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--max-windows", type=int, default=None, help="perplexity windows to evaluate")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(args.threads)
+
+    tiny = args.model == "stories260k"
+    path = str(assets.asset_path("stories260k")) if tiny else args.model
+    # budgets that keep the whole job near 10 minutes on 2 cores
+    nsamples = args.nsamples or (64 if tiny else 8)
+    seqlen = args.seqlen or (128 if tiny else 256)
+    epochs = args.epochs or (20 if tiny else 2)
+    batch_size = args.batch_size or (4 if tiny else 2)
+    eval_seqlen = 256 if tiny else 512
+    max_windows = args.max_windows or (None if tiny else 16)
+
+    t0 = time.time()
+    model, tokenizer = data.load_model(path)
+    if tiny:
+        calib = data.sample_from_model(model, nsamples, seqlen, seed=0)
+        eval_tokens = data.sample_from_model(model, 64, eval_seqlen, seed=1)
+        eval_name = "text sampled from the FP model (seed 1)"
+    else:
+        calib = data.get_calibration("c4", tokenizer, nsamples, seqlen, seed=0)
+        eval_tokens = data.get_eval_tokens("wikitext2", tokenizer, eval_seqlen)
+        eval_name = "WikiText-2 test"
+    print(f"loaded {args.model} and data in {time.time() - t0:.0f} s; calibration {nsamples} x {seqlen} tokens")
+
+    base = QuantConfig.from_yaml(args.config or ("configs/w2a16.yaml" if tiny else "configs/w2a16g64.yaml"))
+    rows = []
+    for method in args.methods.split(","):
+        if method not in METHODS:
+            raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        t0 = time.time()
+        if method == "fp":
+            qmodel = model
+        else:
+            cfg = copy.deepcopy(base)
+            cfg.method = method
+            cfg.nsamples, cfg.seqlen, cfg.batch_size, cfg.epochs = nsamples, seqlen, batch_size, epochs
+            qmodel = sliderquant.quantize(copy.deepcopy(model), cfg, calib)
+        seconds = time.time() - t0
+        ppl = evaluate.perplexity(qmodel, eval_tokens, eval_seqlen, max_windows=max_windows, progress=False)
+        rows.append((method, ppl, seconds))
+        print(f"  {method:<12} perplexity {ppl:10.3f}   ({seconds:.0f} s)", flush=True)
+        if qmodel is not model:
+            del qmodel
+
+    bits = f"W{base.wbits}A{base.abits} " + (f"g{base.group_size}" if base.group_size else "per-channel")
+    windows = "all windows" if max_windows is None else f"first {max_windows} windows"
+    print(f"\n{args.model}, {bits}: perplexity on {eval_name} (seqlen {eval_seqlen}, {windows})")
+    print(f"| {'method':<12} | {'perplexity':>10} | {'quantize s':>10} |")
+    print(f"|{'-' * 14}|{'-' * 12}:|{'-' * 12}:|")
+    for method, ppl, seconds in rows:
+        print(f"| {method:<12} | {ppl:10.3f} | {seconds:10.0f} |")
+
+
+if __name__ == "__main__":
+    main()
