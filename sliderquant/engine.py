@@ -208,11 +208,20 @@ def _run_windows(model, layers, cfg: QuantConfig, x0, layer_kwargs, work: WorkDi
             target = forward_layers(block, x_fp, layer_kwargs, amp)
         t0 = time.time()
         before = _mse(block, x_q, target, layer_kwargs, amp)
+        snapshot = _learned(qlayers[a:b + 1])
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + s * 104_729 + k)
         _train_window(block, qlayers[a:b + 1], x_q, target, layer_kwargs, cfg, epochs, amp, gen)
         after = _mse(block, x_q, target, layer_kwargs, amp)
+        reverted = after > before
+        if reverted:
+            # a short, noisy optimisation can end above its start (seen on tiny random models);
+            # never let a window make the reconstruction worse: keep the parameters it started with
+            _load_learned(qlayers[a:b + 1], snapshot)
+            log.info("window %d-%d stage %d: loss rose %.5g -> %.5g, parameters reverted",
+                     a, b, s, before, after)
+            after = before
         row = {"stage": s, "rate": rate, "window": list(window), "loss_before": before,
-               "loss_after": after, "seconds": time.time() - t0}
+               "loss_after": after, "reverted": reverted, "seconds": time.time() - t0}
         table.append(row)
         bar.set_postfix(stage=s, window=f"{a}-{b}", loss=f"{after:.3g}")
         bar.update(1)
@@ -277,10 +286,14 @@ def _load_learned(qlayers, learned: dict) -> None:
 def _log_table(table) -> None:
     log.info("%-6s %-5s %-10s %12s %12s %8s", "stage", "rate", "layers", "loss before",
              "loss after", "seconds")
+    n_reverted = sum(r.get("reverted", False) for r in table)
     for r in table:
         w = r["window"]
         log.info("%-6d %-5.2f %-10s %12.5g %12.5g %8.2f", r["stage"], r["rate"],
                  f"{w[0]}-{w[-1]}", r["loss_before"], r["loss_after"], r["seconds"])
+    if n_reverted:
+        log.info("%d of %d windows ended above their starting loss and were reverted",
+                 n_reverted, len(table))
 
 
 # ---- GPTQ --------------------------------------------------------------------------------------------
