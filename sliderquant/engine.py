@@ -67,9 +67,11 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor
                     work = WorkDir(work_dir, fingerprint(cfg.fingerprint(), calibration,
                                                          extra=model.config.to_json_string()))
                 _run_windows(model, layers, cfg, x0, layer_kwargs, work)
+            attach_state(model, cfg)     # before the cast back: codes and fp32 scales stay exact
         finally:
             layers.to(dtype)
-    attach_state(model, cfg)
+    if cfg.method == "rtn":
+        attach_state(model, cfg)
     model.train(was_training)
     return model
 

@@ -202,3 +202,19 @@ def test_refuses_to_quantize_twice():
     sliderquant.quantize(model, fast("rtn"))
     with pytest.raises(ValueError, match="already quantized"):
         sliderquant.quantize(model, fast("rtn"))
+
+
+def test_bf16_model_keeps_exact_codes(tmp_path):
+    model = tiny_model("llama").to(torch.bfloat16)
+    ids = token_ids()
+    sliderquant.quantize(model, fast(wbits=3), ids)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    t = model.sliderquant_state["tensors"]
+    assert t["model.layers.0.self_attn.q_proj.scales"].dtype == torch.float32
+    q, s, z = (t[f"model.layers.1.mlp.down_proj.{k}"] for k in ("qweight", "scales", "zeros"))
+    w_hat = (q.double() - z.double()) * s.double()
+    # the bf16 weight is the bf16 rounding of the exact grid value
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, w_hat.to(torch.bfloat16))
+    sliderquant.save(model, tmp_path)
+    loaded = sliderquant.load(tmp_path)
+    assert torch.equal(loaded.sliderquant_state["tensors"]["model.layers.1.mlp.down_proj.scales"], s)
