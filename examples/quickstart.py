@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
+import os
+import threading
 import time
 
 import torch
@@ -24,6 +27,30 @@ from sliderquant import assets, data, evaluate
 from sliderquant.config import QuantConfig
 
 METHODS = ("fp", "rtn", "gptq", "omniquant", "sliderquant")
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        self.peak, self._stop = self._rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    def _watch(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main(argv=None):
@@ -39,6 +66,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--max-windows", type=int, default=None, help="perplexity windows to evaluate")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -71,27 +99,36 @@ def main(argv=None):
         if method not in METHODS:
             raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         t0 = time.time()
-        if method == "fp":
-            qmodel = model
-        else:
-            cfg = copy.deepcopy(base)
-            cfg.method = method
-            cfg.nsamples, cfg.seqlen, cfg.batch_size, cfg.epochs = nsamples, seqlen, batch_size, epochs
-            qmodel = sliderquant.quantize(copy.deepcopy(model), cfg, calib)
+        with PeakRSS() as mem:
+            if method == "fp":
+                qmodel = model
+            else:
+                cfg = copy.deepcopy(base)
+                cfg.method = method
+                cfg.nsamples, cfg.seqlen, cfg.batch_size, cfg.epochs = nsamples, seqlen, batch_size, epochs
+                qmodel = sliderquant.quantize(copy.deepcopy(model), cfg, calib)
         seconds = time.time() - t0
         ppl = evaluate.perplexity(qmodel, eval_tokens, eval_seqlen, max_windows=max_windows, progress=False)
-        rows.append((method, ppl, seconds))
-        print(f"  {method:<12} perplexity {ppl:10.3f}   ({seconds:.0f} s)", flush=True)
+        rows.append((method, ppl, seconds, mem.peak / 2**30))
+        print(f"  {method:<12} perplexity {ppl:10.3f}   ({seconds:.0f} s, peak RSS {mem.peak / 2**30:.2f} GiB)",
+              flush=True)
         if qmodel is not model:
             del qmodel
 
     bits = f"W{base.wbits}A{base.abits} " + (f"g{base.group_size}" if base.group_size else "per-channel")
     windows = "all windows" if max_windows is None else f"first {max_windows} windows"
     print(f"\n{args.model}, {bits}: perplexity on {eval_name} (seqlen {eval_seqlen}, {windows})")
-    print(f"| {'method':<12} | {'perplexity':>10} | {'quantize s':>10} |")
-    print(f"|{'-' * 14}|{'-' * 12}:|{'-' * 12}:|")
-    for method, ppl, seconds in rows:
-        print(f"| {method:<12} | {ppl:10.3f} | {seconds:10.0f} |")
+    print(f"| {'method':<12} | {'perplexity':>10} | {'quantize s':>10} | {'peak RSS GiB':>12} |")
+    print(f"|{'-' * 14}|{'-' * 11}:|{'-' * 11}:|{'-' * 13}:|")
+    for method, ppl, seconds, peak in rows:
+        print(f"| {method:<12} | {ppl:10.3f} | {seconds:10.0f} | {peak:12.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "setting": bits, "eval": eval_name, "eval_seqlen": eval_seqlen,
+                       "max_windows": max_windows, "nsamples": nsamples, "seqlen": seqlen, "epochs": epochs,
+                       "batch_size": batch_size, "threads": args.threads,
+                       "rows": [dict(method=m, ppl=p, seconds=t, peak_rss_gib=g) for m, p, t, g in rows]},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -319,7 +319,7 @@ def _run_gptq(model, layers, cfg: QuantConfig, x0, layer_kwargs):
             h.remove()
         for name, q in qlayers[i].items():
             w_hat, codes, scale, zero = solvers[name].quantize(
-                cfg.wbits, cfg.group_size, cfg.symmetric, damp=cfg.gptq_damp,
+                cfg.wbits, q.group_size, cfg.symmetric, damp=cfg.gptq_damp,
                 act_order=cfg.gptq_act_order, block_size=cfg.gptq_block_size)
             q.set_quantized(codes, scale, zero, w_hat=w_hat)
         del solvers

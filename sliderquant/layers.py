@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .quantizer import dequantize, lwc_logits, n_groups
+from .quantizer import dequantize, layer_group_size, lwc_logits
 
 
 class QuantLinear(nn.Module):
@@ -28,8 +28,7 @@ class QuantLinear(nn.Module):
         out_f, in_f = linear.weight.shape
         self.in_features, self.out_features = in_f, out_f
         self.wbits, self.abits, self.symmetric = wbits, abits, symmetric
-        self.group_size = None if group_size in (None, in_f) else group_size
-        n_groups(in_f, self.group_size)          # refuse a group size that does not divide
+        self.group_size = layer_group_size(in_f, group_size)
         self.lora_scaling = lora_scaling
         self.weight = linear.weight
         self.weight.requires_grad_(False)

@@ -7,10 +7,35 @@ weight, and the dequantization of stored codes.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 LWC_INIT = 4.0   # sigmoid(4) = 0.982: start with almost no clipping
+_WARNED: set = set()
+
+
+def layer_group_size(in_features: int, group_size: int | None) -> int | None:
+    """The group size used for a layer ``in_features`` wide (``None`` = per channel).
+
+    Groups must tile a row exactly (the kernels and the packed formats assume it).  When
+    ``group_size`` does not divide ``in_features`` (SmolLM2's 576-wide inputs with g128), the
+    largest divisor of ``in_features`` below ``group_size`` is used instead, the same for every
+    method, and a warning says so once per width.
+    """
+    if group_size is None or group_size >= in_features:
+        return None
+    if in_features % group_size == 0:
+        return group_size
+    fallback = max(d for d in range(1, group_size) if in_features % d == 0)
+    if (in_features, group_size) not in _WARNED:
+        _WARNED.add((in_features, group_size))
+        log.warning("group_size %d does not divide the %d input features of some layers; they use groups "
+                    "of %d instead", group_size, in_features, fallback)
+    return fallback
 
 
 def n_groups(in_features: int, group_size: int | None) -> int:
