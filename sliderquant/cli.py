@@ -47,12 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--work-dir", default=None, help="resumable work directory")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
-    e = sub.add_parser("eval", help="perplexity of a (quantized) model")
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a (quantized) model")
     e.add_argument("--model", required=True)
     e.add_argument("--gguf-file", default=None)
-    e.add_argument("--ppl", required=True, help="wikitext2, c4 or a text file")
+    e.add_argument("--ppl", default=None, help="comma-separated: wikitext2, c4, ptb-style or text files")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated offline zero-shot tasks (piqa, arc_easy, arc_challenge, hellaswag, "
+                        "winogrande, boolq, openbookqa, lambada), run with lm-eval in-process")
+    e.add_argument("--limit", type=int, default=None, help="documents per zero-shot task")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--num-fewshot", type=int, default=0)
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--threads", type=int, default=None)
 
@@ -106,22 +112,40 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     from . import api, data
     from .evaluate import perplexity
+    if not args.ppl and not args.tasks:
+        raise ValueError("eval needs --ppl DATASETS and/or --tasks TASKS")
     if os.path.exists(os.path.join(args.model, api.QUANT_META)):
         model = api.load(args.model)
         tokenizer = data.load_tokenizer(args.model)
     else:
         model, tokenizer = data.load_model(args.model, gguf_file=args.gguf_file)
-    tokens = data.get_eval_tokens(args.ppl, tokenizer, args.seqlen)
-    t0 = time.time()
-    ppl = perplexity(model, tokens, args.seqlen, max_windows=args.max_windows,
-                     progress=not args.json)
-    result = {"model": args.model, "dataset": args.ppl, "seqlen": args.seqlen,
-              "max_windows": args.max_windows, "perplexity": ppl, "seconds": time.time() - t0}
+    result = {"model": args.model, "seqlen": args.seqlen, "max_windows": args.max_windows, "perplexity": {}}
     state = getattr(model, "sliderquant_state", None)
     if state is not None:
         c = state["config"]
         result["quant"] = {k: c[k] for k in ("method", "wbits", "abits", "group_size")}
-    print(json.dumps(result) if args.json else f"{args.ppl} perplexity (seqlen {args.seqlen}): {ppl:.4f}")
+    for name in (args.ppl.split(",") if args.ppl else []):
+        tokens = data.get_eval_tokens(name, tokenizer, args.seqlen)
+        t0 = time.time()
+        ppl = perplexity(model, tokens, args.seqlen, max_windows=args.max_windows, progress=not args.json)
+        result["perplexity"][name] = {"perplexity": ppl, "seconds": time.time() - t0}
+    if args.tasks:
+        from .zeroshot import evaluate_zeroshot
+        result["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks=args.tasks, limit=args.limit,
+                                               batch_size=args.batch_size, num_fewshot=args.num_fewshot)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    if result["perplexity"]:
+        windows = "all windows" if args.max_windows is None else f"at most {args.max_windows} windows"
+        print(f"\nperplexity (seqlen {args.seqlen}, {windows})")
+        print("| dataset | perplexity |\n|---|---:|")
+        for name, r in result["perplexity"].items():
+            print(f"| {name} | {r['perplexity']:.4f} |")
+    if args.tasks:
+        from .zeroshot import markdown_table
+        print()
+        print(markdown_table(result["zeroshot"], title=f"zero-shot accuracy ({args.model})"))
     return 0
 
 
