@@ -62,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--threads", type=int, default=None)
 
+    a = sub.add_parser("analyze", help="layer sensitivity: quantize one decoder layer at a time (RTN)")
+    a.add_argument("--model", required=True, help="local directory, hub id, .gguf file or smollm2-135m")
+    a.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    a.add_argument("--wbits", type=int, required=True, help="weight bits (2 to 8)")
+    a.add_argument("--group-size", type=_group_size, default="channel", help="integer or 'channel' (default)")
+    a.add_argument("--symmetric", action="store_true", help="symmetric grid (default asymmetric)")
+    a.add_argument("--nsamples", type=int, default=4)
+    a.add_argument("--seqlen", type=int, default=256)
+    a.add_argument("--calib", default="c4", help="c4, wikitext2, a text file, or 'sample' (from the model)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--batch-size", type=int, default=4, help="sequences per forward")
+    a.add_argument("--out", required=True, help="directory for sensitivity.csv and sensitivity.png")
+    a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
     s = sub.add_parser("schedule", help="print the window schedule")
     s.add_argument("--layers", type=int, required=True)
     s.add_argument("--config", default=None)
@@ -149,6 +163,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from . import analyze, data
+    analyze._check_bits(args.wbits)          # fail before loading the model
+    model, tokenizer = data.load_model(args.model, gguf_file=args.gguf_file)
+    t0 = time.time()
+    if args.calib == "sample":
+        tokens = data.sample_from_model(model, args.nsamples, args.seqlen, seed=args.seed)
+    else:
+        tokens = data.get_calibration(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed)
+    log.info("batch: %s, %d x %d tokens (%.1fs)", args.calib, *tokens.shape, time.time() - t0)
+    group_size = None if args.group_size == "channel" else args.group_size
+    t0 = time.time()
+    result = analyze.layer_sensitivity(model, tokens, args.wbits, group_size=group_size,
+                                       symmetric=args.symmetric, batch_size=args.batch_size)
+    log.info("analysis done in %.1fs", time.time() - t0)
+    name = os.path.basename(os.path.normpath(args.model))
+    title = (f"{name}: layer sensitivity, {result.setting}, one layer at a time\n"
+             f"({args.calib}, {args.nsamples} x {args.seqlen} tokens)")
+    paths = analyze.write_outputs(result, args.out, title)
+    print(analyze.format_table(result))
+    print(f"\nwrote {paths['csv']} and {paths['png']}")
+    return 0
+
+
 def cmd_schedule(args) -> int:
     from .config import QuantConfig
     from .engine import plan
@@ -170,7 +208,8 @@ def main(argv=None) -> int:
         import torch
         torch.set_num_threads(args.threads)
     try:
-        return {"quantize": cmd_quantize, "eval": cmd_eval, "schedule": cmd_schedule}[args.command](args)
+        return {"quantize": cmd_quantize, "eval": cmd_eval, "schedule": cmd_schedule,
+                "analyze": cmd_analyze}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         log.error("%s", e)
         return 2
