@@ -49,6 +49,8 @@ def smollm2_gguf_path() -> Path:
 
 
 def _resolve_model(path_or_id: str, gguf_file: str | None) -> tuple[str, str | None]:
+    if str(path_or_id).lower() == "stories260k" and not Path(path_or_id).exists():
+        return str(asset_path("stories260k")), gguf_file   # the tiny real Llama of the offline assets
     if str(path_or_id).lower() == SMOLLM2_NAME:
         path = smollm2_gguf_path()
         return str(path.parent), path.name

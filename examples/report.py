@@ -1,0 +1,153 @@
+"""Full comparison for one model: every method at every setting, perplexity and zero-shot accuracy.
+
+    python examples/report.py --model smollm2-135m --out examples/results/smollm2_report \
+        --nsamples 32 --seqlen 256 --epochs 2 --max-windows 16 --limit 200
+
+For FP and for RTN, GPTQ, OmniQuant-mode and SliderQuant at W4A16 (per-channel and g128), W3A16
+g128 and W2A16 g64, it measures WikiText-2 and C4 perplexity (GPTQ protocol) and the average
+zero-shot accuracy over the offline lm-eval tasks, then writes ``results.json``, ``report.md``
+(a Markdown table) and ``report.png`` (a chart) into ``--out``.  Every finished (setting, method)
+is saved at once, so an interrupted run continues where it stopped when started again with the
+same arguments.  All methods share the same calibration tokens and the same budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import time
+
+import torch
+
+import sliderquant
+from sliderquant import data, evaluate
+from sliderquant.config import QuantConfig
+
+SETTINGS = {
+    "W4A16": "configs/w4a16.yaml",
+    "W4A16 g128": "configs/w4a16g128.yaml",
+    "W3A16 g128": "configs/w3a16g128.yaml",
+    "W2A16 g64": "configs/w2a16g64.yaml",
+}
+METHODS = ("rtn", "gptq", "omniquant", "sliderquant")
+TASKS = "piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,openbookqa,lambada"
+
+
+def _measure(model, tokenizer, eval_tokens, args) -> dict:
+    out = {}
+    for name, tokens in eval_tokens.items():
+        out[f"ppl_{name}"] = evaluate.perplexity(model, tokens, args.eval_seqlen, max_windows=args.max_windows,
+                                                 progress=False)
+    if args.tasks:
+        from sliderquant.zeroshot import evaluate_zeroshot
+        zs = evaluate_zeroshot(model, tokenizer, tasks=args.tasks, limit=args.limit)
+        out["zeroshot_avg"] = zs["average"]["acc"]
+        out["zeroshot"] = {k: v["acc"] for k, v in zs["tasks"].items()}
+    return out
+
+
+def _markdown(results: dict, args) -> str:
+    cols = [c for c in ("ppl_wikitext2", "ppl_c4", "zeroshot_avg") if any(c in r for r in results.values())]
+    names = {"ppl_wikitext2": "WikiText-2 ppl", "ppl_c4": "C4 ppl", "zeroshot_avg": "zero-shot avg acc (%)"}
+    lines = [f"| setting | method | {' | '.join(names[c] for c in cols)} | quantize s |",
+             "|---|---|" + "---:|" * (len(cols) + 1)]
+    for key, r in results.items():
+        setting, method = key.split("/")
+        vals = [f"{100 * r[c]:.1f}" if c == "zeroshot_avg" else f"{r[c]:.2f}" for c in cols]
+        lines.append(f"| {setting} | {method} | {' | '.join(vals)} | {r.get('seconds', 0):.0f} |")
+    windows = "all windows" if args.max_windows is None else f"first {args.max_windows} windows"
+    limit = "all documents" if args.limit is None else f"first {args.limit} documents per task"
+    lines.append("")
+    lines.append(f"{args.model}; calibration: C4 documents 0-999, {args.nsamples} x {args.seqlen} tokens, "
+                 f"{args.epochs} epochs, batch {args.batch_size}; perplexity seqlen {args.eval_seqlen}, {windows}; "
+                 f"zero-shot tasks {args.tasks or '-'} ({limit}).")
+    return "\n".join(lines)
+
+
+def _chart(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    settings = list(dict.fromkeys(k.split("/")[0] for k in results if not k.startswith("FP")))
+    fp = results.get("FP/fp", {})
+    metrics = [m for m in ("ppl_wikitext2", "ppl_c4", "zeroshot_avg") if m in fp]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    width = 0.8 / len(METHODS)
+    for ax, metric in zip(axes[0], metrics):
+        for j, method in enumerate(METHODS):
+            vals = [results.get(f"{s}/{method}", {}).get(metric, float("nan")) for s in settings]
+            ax.bar([i + j * width for i in range(len(settings))], vals, width, label=method)
+        ax.axhline(fp[metric], color="black", linestyle="--", label="fp")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(settings))], settings)
+        if metric.startswith("ppl"):
+            ax.set_yscale("log")
+        ax.set_title({"ppl_wikitext2": "WikiText-2 perplexity", "ppl_c4": "C4 perplexity",
+                      "zeroshot_avg": "average zero-shot accuracy"}[metric])
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--out", required=True)
+    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of " + ", ".join(SETTINGS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--ppl", default="wikitext2,c4")
+    p.add_argument("--tasks", default=TASKS, help="'' to skip zero-shot")
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "results.json")
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+
+    model, tokenizer = data.load_model(args.model)
+    calib = data.get_calibration("c4", tokenizer, args.nsamples, args.seqlen, seed=0)
+    eval_tokens = {name: data.get_eval_tokens(name, tokenizer, args.eval_seqlen) for name in args.ppl.split(",") if name}
+
+    def record(key, row):
+        results[key] = row
+        with open(results_path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(results_path + ".tmp", results_path)
+        print(f"{key}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+
+    if "FP/fp" not in results:
+        record("FP/fp", _measure(model, tokenizer, eval_tokens, args))
+    for setting in args.settings.split(","):
+        base = QuantConfig.from_yaml(SETTINGS[setting])
+        for method in args.methods.split(","):
+            key = f"{setting}/{method}"
+            if key in results:
+                continue
+            cfg = copy.deepcopy(base)
+            cfg.method = method
+            cfg.nsamples, cfg.seqlen, cfg.epochs, cfg.batch_size = args.nsamples, args.seqlen, args.epochs, args.batch_size
+            t0 = time.time()
+            qmodel = sliderquant.quantize(copy.deepcopy(model), cfg, None if method == "rtn" else calib)
+            seconds = time.time() - t0
+            row = _measure(qmodel, tokenizer, eval_tokens, args)
+            row["seconds"] = seconds
+            record(key, row)
+            del qmodel
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(_markdown(results, args) + "\n")
+    _chart(results, os.path.join(args.out, "report.png"))
+    print(_markdown(results, args))
+
+
+if __name__ == "__main__":
+    main()
