@@ -6,7 +6,11 @@ their own model.  For every decoder layer ``i``, with every other layer in full 
 
 * ``rel_output_error``: ``||f_q(x) - f(x)|| / ||f(x)||`` (Frobenius norm over the whole batch) of
   layer ``i`` on its own full-precision inputs ``x``, where ``f_q`` is the layer with RTN-quantized
-  linears.  ``f`` is the whole decoder layer, residual connections included.
+  linears.  ``f`` is the whole decoder layer, residual connections included.  A few huge
+  activations (e.g. the "attention sink" first token of SmolLM2 from layer 12 on) can dominate
+  ``||f(x)||`` and make this number small for every later layer, so
+* ``rel_output_error_tok``: the same ratio per token, ``||f_q(x)_t - f(x)_t|| / ||f(x)_t||``,
+  averaged over the tokens of the batch (every token weighs the same).
 * ``kl``: the KL divergence ``KL(p_fp || p_q)`` of the next-token distributions, averaged over all
   tokens of the batch (nats).
 * ``ppl``: the perplexity of the batch (next-token prediction, exp of the mean NLL) with only
@@ -39,7 +43,7 @@ from .quantizer import layer_group_size
 
 log = logging.getLogger(__name__)
 
-CSV_FIELDS = ("layer", "rel_output_error", "kl", "ppl", "ppl_increase")
+CSV_FIELDS = ("layer", "rel_output_error", "kl", "ppl", "ppl_increase", "rel_output_error_tok")
 
 
 @dataclass
@@ -49,6 +53,7 @@ class LayerSensitivity:
     kl: float
     ppl: float
     ppl_increase: float
+    rel_output_error_tok: float
 
 
 @dataclass
@@ -158,6 +163,8 @@ def layer_sensitivity(model: nn.Module, input_ids: torch.Tensor, wbits: int, gro
             y_fp = inputs[i + 1]
             rel = (torch.linalg.vector_norm((y_q - y_fp).double())
                    / torch.linalg.vector_norm(y_fp.double())).item()
+            rel_tok = (torch.linalg.vector_norm((y_q - y_fp).double(), dim=-1)
+                       / torch.linalg.vector_norm(y_fp.double(), dim=-1)).mean().item()
             kl_sum, nll = 0.0, 0.0
             for c, ref in zip(chunks, fp_logp):
                 logq = torch.log_softmax(_tail_logits(model, i, inputs[i][c], layer_kwargs), dim=-1)
@@ -168,7 +175,7 @@ def layer_sensitivity(model: nn.Module, input_ids: torch.Tensor, wbits: int, gro
             for name, lin in linears.items():
                 lin.weight.data.copy_(saved[name])
         ppl = math.exp(nll / ntok_pred)
-        row = LayerSensitivity(i, rel, kl_sum / (n * t), ppl, ppl - fp_ppl)
+        row = LayerSensitivity(i, rel, kl_sum / (n * t), ppl, ppl - fp_ppl, rel_tok)
         rows.append(row)
         log.debug("layer %d: rel %.4g kl %.4g ppl %.4f", i, row.rel_output_error, row.kl, row.ppl)
         if progress:
@@ -190,10 +197,11 @@ def write_csv(result: SensitivityResult, path) -> Path:
 
 def format_table(result: SensitivityResult) -> str:
     lines = [f"fp perplexity of the batch: {result.fp_ppl:.4f}",
-             "| layer | rel. output error | KL (nats/token) | ppl | ppl increase |",
-             "|---:|---:|---:|---:|---:|"]
+             "| layer | rel. output error | per-token rel. error | KL (nats/token) | ppl | ppl increase |",
+             "|---:|---:|---:|---:|---:|---:|"]
     for r in result.rows:
-        lines.append(f"| {r.layer} | {r.rel_output_error:.4f} | {r.kl:.4g} | {r.ppl:.3f} | {r.ppl_increase:+.3f} |")
+        lines.append(f"| {r.layer} | {r.rel_output_error:.4f} | {r.rel_output_error_tok:.4f} | {r.kl:.4g} "
+                     f"| {r.ppl:.3f} | {r.ppl_increase:+.3f} |")
     return "\n".join(lines)
 
 
@@ -219,10 +227,15 @@ def plot(result: SensitivityResult, path, title: str) -> Path:
     ax1.legend(h1 + h2, l1 + l2, loc="upper center", fontsize=8)
     ax1.grid(alpha=0.3)
     ax1.set_title("end-to-end error, only this layer quantized", fontsize=9)
-    ax2.bar(idx, [r.rel_output_error for r in result.rows], color="tab:green")
+    wbar = 0.4
+    ax2.bar([k - wbar / 2 for k in idx], [r.rel_output_error for r in result.rows], wbar, color="tab:green",
+            label="||f_q(x) - f(x)|| / ||f(x)|| (whole batch)")
+    ax2.bar([k + wbar / 2 for k in idx], [r.rel_output_error_tok for r in result.rows], wbar, color="tab:olive",
+            label="same per token, averaged over tokens")
     ax2.set_ylabel("relative output error")
     ax2.set_xlabel("decoder layer")
-    ax2.set_title("||f_q(x) - f(x)|| / ||f(x)|| of the layer on its fp inputs", fontsize=9)
+    ax2.set_title("error of the layer's own output on its fp inputs", fontsize=9)
+    ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3, axis="y")
     ax2.set_xticks(idx if len(idx) <= 40 else idx[::2])
     fig.suptitle(title)

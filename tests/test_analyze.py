@@ -89,6 +89,8 @@ def test_rel_output_error_matches_hand_check(tiny):
     y_q = output_of_layer(qmodel)      # layers 0..i-1 are fp: the input of layer i is the fp one
     expected = (torch.linalg.vector_norm(y_q - y_fp) / torch.linalg.vector_norm(y_fp)).item()
     assert res.rows[i].rel_output_error == pytest.approx(expected, rel=1e-4)
+    per_tok = (torch.linalg.vector_norm(y_q - y_fp, dim=-1) / torch.linalg.vector_norm(y_fp, dim=-1)).mean().item()
+    assert res.rows[i].rel_output_error_tok == pytest.approx(per_tok, rel=1e-4)
 
     # and the end-to-end KL of that layer against the quantized copy's own logits
     lp = torch.log_softmax(_logits(model, ids).double(), -1)
