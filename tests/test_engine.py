@@ -168,10 +168,21 @@ def test_errors():
         sliderquant.quantize(model, fast())
     with pytest.raises(ValueError, match="vocabulary"):
         sliderquant.quantize(model, fast(), torch.full((2, 8), VOCAB + 5))
-    with pytest.raises(ValueError, match="group_size 40"):
-        sliderquant.quantize(tiny_model("llama"), fast("rtn", group_size=40))
+    with pytest.raises(ValueError, match="group_size"):
+        sliderquant.quantize(tiny_model("llama"), fast("rtn", group_size=-4))
     with pytest.raises(ValueError, match="no sliderquant quantization state"):
         sliderquant.save(tiny_model("llama"), "/tmp/never")
+
+
+def test_group_size_that_does_not_tile_falls_back_to_a_divisor():
+    model = tiny_model("llama")
+    widths = {name: m.in_features for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              and ".layers." in name}
+    sliderquant.quantize(model, fast("rtn", group_size=40))
+    tensors = model.sliderquant_state["tensors"]
+    for name, width in widths.items():
+        groups = tensors[f"{name}.scales"].shape[1]
+        assert width % groups == 0 and width // groups == max(d for d in range(1, 41) if width % d == 0)
 
 
 def test_stories260k_w2_end_to_end():
