@@ -42,6 +42,17 @@ def _copy_gbps(nbytes: int, reps: int) -> float:
     return 2 * nbytes / ms / 1e6
 
 
+def _time_pairs(pairs, shape: str, config: str, reps: int):
+    """Rows of the table: each (kernel, C function, eager function, bytes moved) timed both ways."""
+    rows = []
+    for kernel, c_fn, e_fn, nbytes in pairs:
+        c_ms = _median_ms(c_fn, reps)
+        e_ms = _median_ms(e_fn, max(3, reps // 2))
+        rows.append(dict(kernel=kernel, shape=shape, config=config, eager_ms=e_ms, c_ms=c_ms,
+                         speedup=e_ms / c_ms, gbps=nbytes / c_ms / 1e6))
+    return rows
+
+
 def _weight_case(rows, cols, group, rank, dtype, reps, nthreads):
     C = ops._C
     g = torch.Generator().manual_seed(0)
@@ -77,18 +88,10 @@ def _weight_case(rows, cols, group, rank, dtype, reps, nthreads):
         reference.fake_quant_weight(w, bits, group, False, pu, pl, None, pa, pb, 1.0).backward(grad)
 
     esize = w.element_size()
-    shape = f"{rows}x{cols}"
     label = f"w{bits} {'g' + str(group) if group else 'per-channel'} lora{rank} {str(dtype).replace('torch.', '')}"
-    rows_out = []
-    for kernel, c_fn, e_fn, nbytes in (
-        ("weight_fwd", c_fwd, eager_fwd, 2 * rows * cols * esize),
-        ("weight_fwd_bwd", c_fwd_bwd, eager_fwd_bwd, 4 * rows * cols * esize),
-    ):
-        c_ms = _median_ms(c_fn, reps)
-        e_ms = _median_ms(e_fn, max(3, reps // 2))
-        rows_out.append(dict(kernel=kernel, shape=shape, config=label, eager_ms=e_ms, c_ms=c_ms,
-                             speedup=e_ms / c_ms, gbps=nbytes / c_ms / 1e6))
-    return rows_out
+    return _time_pairs([("weight_fwd", c_fwd, eager_fwd, 2 * rows * cols * esize),
+                        ("weight_fwd_bwd", c_fwd_bwd, eager_fwd_bwd, 4 * rows * cols * esize)],
+                       f"{rows}x{cols}", label, reps)
 
 
 def _act_case(tokens, d, dtype, reps, nthreads):
@@ -118,17 +121,9 @@ def _act_case(tokens, d, dtype, reps, nthreads):
         reference.fake_quant_act(px, bits).backward(grad)
 
     esize = x.element_size()
-    rows_out = []
-    for kernel, c_fn, e_fn, nbytes in (
-        ("act_fwd", c_fwd, eager_fwd, 2 * tokens * d * esize),
-        ("act_fwd_bwd", c_fwd_bwd, eager_fwd_bwd, 5 * tokens * d * esize),
-    ):
-        c_ms = _median_ms(c_fn, reps)
-        e_ms = _median_ms(e_fn, max(3, reps // 2))
-        rows_out.append(dict(kernel=kernel, shape=f"{tokens}x{d}", config=f"a{bits} per-token "
-                             f"{str(dtype).replace('torch.', '')}", eager_ms=e_ms, c_ms=c_ms,
-                             speedup=e_ms / c_ms, gbps=nbytes / c_ms / 1e6))
-    return rows_out
+    return _time_pairs([("act_fwd", c_fwd, eager_fwd, 2 * tokens * d * esize),
+                        ("act_fwd_bwd", c_fwd_bwd, eager_fwd_bwd, 5 * tokens * d * esize)],
+                       f"{tokens}x{d}", f"a{bits} per-token {str(dtype).replace('torch.', '')}", reps)
 
 
 def bench_kernels(reps: int = 10, dtype: torch.dtype = torch.float32, threads: int = 2, quick: bool = False):

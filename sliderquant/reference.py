@@ -42,18 +42,22 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def _fake_quant_rows(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, bits: int,
-                     symmetric: bool) -> torch.Tensor:
-    """Quantize-dequantize each row of ``x`` (..., n) with the clipping range ``[lo, hi]`` (..., 1)."""
+def _grid(hi: torch.Tensor, lo: torch.Tensor, bits: int, symmetric: bool):
+    """Scale, zero point and code range of the clipping range ``[lo, hi]`` (symmetric: z = 0)."""
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         s = (torch.maximum(hi.abs(), lo.abs()) / qmax).clamp(SCALE_MIN, SCALE_MAX)
-        q = torch.clamp(_round_ste(x / s), -(qmax + 1), qmax)
-        return q * s
+        return s, torch.zeros_like(s), -(qmax + 1), qmax
     qmax = 2 ** bits - 1
     s = ((hi - lo) / qmax).clamp(SCALE_MIN, SCALE_MAX)
-    z = torch.round(-lo / s)
-    q = torch.clamp(_round_ste(x / s) + z, 0, qmax)
+    return s, torch.round(-lo / s), 0, qmax
+
+
+def _fake_quant_rows(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, bits: int,
+                     symmetric: bool) -> torch.Tensor:
+    """Quantize-dequantize each row of ``x`` (..., n) with the clipping range ``[lo, hi]`` (..., 1)."""
+    s, z, qmin, qmax = _grid(hi, lo, bits, symmetric)
+    q = torch.clamp(_round_ste(x / s) + z, qmin, qmax)
     return (q - z) * s
 
 
@@ -68,14 +72,8 @@ def transformed_weight(w: torch.Tensor, channel_scale=None, lora_a=None, lora_b=
     return wt
 
 
-def fake_quant_weight(w, bits, group_size=None, symmetric=False, lwc_upper=None, lwc_lower=None,
-                      channel_scale=None, lora_a=None, lora_b=None, lora_scaling=1.0,
-                      quant_rate=1.0):
-    """``W_hat = Q(W * alpha + s B A)`` with learnable weight clipping; returns ``w.dtype``.
-
-    ``lwc_upper``/``lwc_lower`` are logits of shape (out, 1) or (out, in // group_size);
-    ``None`` means no clipping (factor 1).
-    """
+def _clipped_groups(w, group_size, lwc_upper, lwc_lower, channel_scale, lora_a, lora_b, lora_scaling):
+    """``W_t`` (out, in), the same as (out, n_groups, g), and each group's clipped ``hi``, ``lo``."""
     out_f, in_f = w.shape
     g = in_f if group_size is None else group_size
     n_groups = in_f // g
@@ -87,6 +85,20 @@ def fake_quant_weight(w, bits, group_size=None, symmetric=False, lwc_upper=None,
         hi = torch.sigmoid(lwc_upper.float()).reshape(out_f, n_groups, 1) * hi
     if lwc_lower is not None:
         lo = torch.sigmoid(lwc_lower.float()).reshape(out_f, n_groups, 1) * lo
+    return wt, grouped, hi, lo
+
+
+def fake_quant_weight(w, bits, group_size=None, symmetric=False, lwc_upper=None, lwc_lower=None,
+                      channel_scale=None, lora_a=None, lora_b=None, lora_scaling=1.0,
+                      quant_rate=1.0):
+    """``W_hat = Q(W * alpha + s B A)`` with learnable weight clipping; returns ``w.dtype``.
+
+    ``lwc_upper``/``lwc_lower`` are logits of shape (out, 1) or (out, in // group_size);
+    ``None`` means no clipping (factor 1).
+    """
+    out_f, in_f = w.shape
+    wt, grouped, hi, lo = _clipped_groups(w, group_size, lwc_upper, lwc_lower, channel_scale, lora_a, lora_b,
+                                          lora_scaling)
     wq = _fake_quant_rows(grouped, hi, lo, bits, symmetric).reshape(out_f, in_f)
     n_q = quantized_prefix(in_f, quant_rate, group_size)
     if n_q < in_f:
@@ -118,24 +130,10 @@ def weight_qparams(w, bits, group_size=None, symmetric=False, lwc_upper=None, lw
     """
     with torch.no_grad():
         out_f, in_f = w.shape
-        g = in_f if group_size is None else group_size
-        n_groups = in_f // g
-        wt = transformed_weight(w, channel_scale, lora_a, lora_b, lora_scaling).reshape(out_f, n_groups, g)
-        hi = wt.amax(dim=-1, keepdim=True)
-        lo = wt.amin(dim=-1, keepdim=True)
-        if lwc_upper is not None:
-            hi = torch.sigmoid(lwc_upper.float()).reshape(out_f, n_groups, 1) * hi
-        if lwc_lower is not None:
-            lo = torch.sigmoid(lwc_lower.float()).reshape(out_f, n_groups, 1) * lo
-        if symmetric:
-            qmax = 2 ** (bits - 1) - 1
-            s = (torch.maximum(hi.abs(), lo.abs()) / qmax).clamp(SCALE_MIN, SCALE_MAX)
-            z = torch.zeros_like(s)
-            q = torch.clamp(torch.round(wt / s), -(qmax + 1), qmax)
-        else:
-            qmax = 2 ** bits - 1
-            s = ((hi - lo) / qmax).clamp(SCALE_MIN, SCALE_MAX)
-            z = torch.round(-lo / s)
-            q = torch.clamp(torch.round(wt / s) + z, 0, qmax)
+        _, grouped, hi, lo = _clipped_groups(w, group_size, lwc_upper, lwc_lower, channel_scale, lora_a, lora_b,
+                                             lora_scaling)
+        s, z, qmin, qmax = _grid(hi, lo, bits, symmetric)
+        q = torch.clamp(torch.round(grouped / s) + z, qmin, qmax)
+        n_groups = grouped.shape[1]
         return (q.reshape(out_f, in_f).to(torch.int16), s.reshape(out_f, n_groups),
                 z.reshape(out_f, n_groups))
