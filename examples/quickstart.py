@@ -1,6 +1,6 @@
 """The main job: quantize a real small model offline and print its quality.
 
-    python examples/quickstart.py                       # SmolLM2-135M, W2A16 g64, about 10 minutes on 2 cores
+    python examples/quickstart.py                       # SmolLM2-135M, W3A16 g128, under 10 minutes on 2 cores
     python examples/quickstart.py --model stories260k   # the tiny real Llama, W2A16 per-channel, about a minute
 
 Loads the model once, then for each method (full precision, RTN, SliderQuant; add GPTQ and
@@ -57,7 +57,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, stories260k or a path")
     parser.add_argument("--config", default=None,
-                        help="default: configs/w2a16g64.yaml (stories260k: configs/w2a16.yaml, per-channel)")
+                        help="default: configs/w3a16g128.yaml (stories260k: configs/w2a16.yaml, per-channel)")
     parser.add_argument("--methods", default="fp,rtn,sliderquant",
                         help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--nsamples", type=int, default=None)
@@ -74,10 +74,10 @@ def main(argv=None):
     tiny = args.model == "stories260k"
     path = str(assets.asset_path("stories260k")) if tiny else args.model
     # budgets that keep the whole job near 10 minutes on 2 cores
-    nsamples = args.nsamples or (64 if tiny else 8)
+    nsamples = args.nsamples or (64 if tiny else 16)
     seqlen = args.seqlen or (128 if tiny else 256)
     epochs = args.epochs or (20 if tiny else 2)
-    batch_size = args.batch_size or (4 if tiny else 2)
+    batch_size = args.batch_size or (4 if tiny else 1)
     eval_seqlen = 256 if tiny else 512
     max_windows = args.max_windows or (None if tiny else 16)
 
@@ -93,7 +93,7 @@ def main(argv=None):
         eval_name = "WikiText-2 test"
     print(f"loaded {args.model} and data in {time.time() - t0:.0f} s; calibration {nsamples} x {seqlen} tokens")
 
-    base = QuantConfig.from_yaml(args.config or ("configs/w2a16.yaml" if tiny else "configs/w2a16g64.yaml"))
+    base = QuantConfig.from_yaml(args.config or ("configs/w2a16.yaml" if tiny else "configs/w3a16g128.yaml"))
     rows = []
     for method in args.methods.split(","):
         if method not in METHODS:
