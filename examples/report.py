@@ -46,6 +46,7 @@ def _measure(model, tokenizer, eval_tokens, args) -> dict:
         zs = evaluate_zeroshot(model, tokenizer, tasks=args.tasks, limit=args.limit)
         out["zeroshot_avg"] = zs["average"]["acc"]
         out["zeroshot"] = {k: v["acc"] for k, v in zs["tasks"].items()}
+        out["zeroshot_stderr"] = {k: v["acc_stderr"] for k, v in zs["tasks"].items()}
     return out
 
 
