@@ -108,12 +108,15 @@ def main(argv=None):
     p.add_argument("--tasks", default=TASKS, help="'' to skip zero-shot")
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--render-only", action="store_true", help="only write report.md/png from results.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    if args.render_only:
+        return _render(results, args)
 
     model, tokenizer = data.load_model(args.model)
     calib = data.get_calibration("c4", tokenizer, args.nsamples, args.seqlen, seed=0)
@@ -144,6 +147,12 @@ def main(argv=None):
             row["seconds"] = seconds
             record(key, row)
             del qmodel
+    _render(results, args)
+
+
+def _render(results: dict, args) -> None:
+    if "FP/fp" not in results:
+        raise SystemExit(f"no results yet in {args.out}/results.json")
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(_markdown(results, args) + "\n")
     _chart(results, os.path.join(args.out, "report.png"))
