@@ -2,7 +2,7 @@
 
 OpenMP is used when the compiler supports it (serial kernels otherwise).  The AVX2/FMA kernels carry
 their own `#pragma GCC target`, so one build runs on any x86-64 and picks its kernels at import.
-Never -ffast-math: it would flip flush-to-zero for the whole Python process.
+No fast-math flags: they would turn on flush-to-zero for the whole Python process.
 """
 import os
 import shutil
