@@ -102,6 +102,18 @@ def _config(args):
     return QuantConfig.from_dict(data)
 
 
+def _tokens(model, tokenizer, source: str, nsamples: int, seqlen: int, seed: int):
+    """Calibration tokens from c4 / wikitext2 / a file, or sampled from the model itself ("sample")."""
+    from . import data
+    t0 = time.time()
+    if source == "sample":
+        tokens = data.sample_from_model(model, nsamples, seqlen, seed=seed)
+    else:
+        tokens = data.get_calibration(source, tokenizer, nsamples, seqlen, seed)
+    log.info("calibration tokens: %s, %d x %d (%.1fs)", source, *tokens.shape, time.time() - t0)
+    return tokens
+
+
 def cmd_quantize(args) -> int:
     from . import api, data
     cfg = _config(args)
@@ -109,12 +121,7 @@ def cmd_quantize(args) -> int:
     model, tokenizer = data.load_model(args.model, gguf_file=args.gguf_file)
     calib = None
     if cfg.method != "rtn":
-        t0 = time.time()
-        if cfg.calib == "sample":
-            calib = data.sample_from_model(model, cfg.nsamples, cfg.seqlen, seed=cfg.seed)
-        else:
-            calib = data.get_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
-        log.info("calibration: %s, %d x %d tokens (%.1fs)", cfg.calib, *calib.shape, time.time() - t0)
+        calib = _tokens(model, tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
     t0 = time.time()
     api.quantize(model, cfg, calib, work_dir=args.work_dir)
     log.info("%s done in %.1fs", cfg.method, time.time() - t0)
@@ -171,12 +178,7 @@ def cmd_analyze(args) -> int:
     from . import analyze, data
     analyze._check_bits(args.wbits)          # fail before loading the model
     model, tokenizer = data.load_model(args.model, gguf_file=args.gguf_file)
-    t0 = time.time()
-    if args.calib == "sample":
-        tokens = data.sample_from_model(model, args.nsamples, args.seqlen, seed=args.seed)
-    else:
-        tokens = data.get_calibration(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed)
-    log.info("batch: %s, %d x %d tokens (%.1fs)", args.calib, *tokens.shape, time.time() - t0)
+    tokens = _tokens(model, tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     group_size = None if args.group_size == "channel" else args.group_size
     t0 = time.time()
     result = analyze.layer_sensitivity(model, tokens, args.wbits, group_size=group_size,
