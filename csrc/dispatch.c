@@ -10,6 +10,10 @@
 #include <omp.h>
 #endif
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 static const sq_kernel_table table_ref = {
     "ref", sq_wq_forward_ref, sq_wq_backward_ref, sq_aq_forward_ref, sq_aq_backward_ref,
 };
@@ -48,5 +52,31 @@ int sq_max_threads(void) {
     return omp_get_max_threads();
 #else
     return 1;
+#endif
+}
+
+/* Whether the CPU multiplies bfloat16 natively (AMX-BF16 tiles or AVX512-BF16 dot products) and
+ * the OS saves the AVX-512 state.  Then bf16 matmuls (oneDNN) are several times faster than fp32,
+ * which is what makes bf16 autocast worth it on a CPU; without it they are emulated and slower. */
+int sq_native_bf16(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned a, b, c, d;
+    if (__get_cpuid_max(0, NULL) < 7) return 0;
+    __cpuid(1, a, b, c, d);
+    if (!(c & (1u << 27))) return 0; /* OSXSAVE: xgetbv is usable */
+    unsigned xlo, xhi;
+    __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+    if ((xlo & 0xe6u) != 0xe6u) return 0; /* XMM, YMM, opmask, ZMM state enabled by the OS */
+    __cpuid_count(7, 0, a, b, c, d);
+    const int amx_bf16 = (d >> 22) & 1;
+    const int max_sub = (int)a;
+    int avx512_bf16 = 0;
+    if (max_sub >= 1) {
+        __cpuid_count(7, 1, a, b, c, d);
+        avx512_bf16 = (a >> 5) & 1;
+    }
+    return amx_bf16 || avx512_bf16;
+#else
+    return 0;
 #endif
 }

@@ -345,6 +345,7 @@ static int wq_parse(view_set *s, PyObject *const *head, PyObject *const *tail, w
     view *w = views_add(s, head[0], "w", 0, 0);
     if (!w) return -1;
     if (view_data_dtype(w, &c->p.dtype) < 0) return -1;
+    c->p.out_dtype = c->p.dtype;
     if (w->t->ndim != 2) {
         PyErr_Format(PyExc_ValueError, "argument 'w' must be 2-D (out_features, in_features), got %d-D", w->t->ndim);
         return -1;
@@ -435,13 +436,16 @@ static int add_grad(view_set *s, PyObject *obj, const char *name, int ndim, cons
     return 0;
 }
 
+/* A float32/bfloat16 tensor with the shape of `like`.  Its dtype must be `dtype`, unless `got` is
+ * given: then either data dtype is accepted and reported there. */
 static int add_data_like(view_set *s, PyObject *obj, const char *name, int output, const view *like, sq_dtype dtype,
-                         void **out) {
+                         void **out, sq_dtype *got) {
     view *v = views_add(s, obj, name, 0, output);
     if (!v) return -1;
     sq_dtype dt;
     if (view_data_dtype(v, &dt) < 0) return -1;
-    if (dt != dtype) {
+    if (got) *got = dt;
+    if (!got && dt != dtype) {
         PyErr_Format(PyExc_TypeError, "argument '%s' must have the dtype of '%s' (%s)", name, like->name,
                      dtype_name(like->t->dtype));
         return -1;
@@ -460,7 +464,8 @@ PyDoc_STRVAR(wq_forward_doc,
              "wq_forward(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, out, bits, group_size, n_quant,\n"
              "           symmetric, lora_scaling, nthreads)\n--\n\n"
              "Weight fake quantization: out = Q(w * channel_scale + lora_scaling * lora_b @ lora_a) with learnable\n"
-             "clipping. group_size 0 means per output channel. Optional inputs may be None.");
+             "clipping. group_size 0 means per output channel. Optional inputs may be None. out is float32 or\n"
+             "bfloat16, independently of w (e.g. a bf16 result from an fp32 master weight).");
 
 static PyObject *wq_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (check_nargs(nargs, 13, "wq_forward") < 0) return NULL;
@@ -469,7 +474,7 @@ static PyObject *wq_forward(PyObject *module, PyObject *const *args, Py_ssize_t 
     void *out;
     PyObject *res = NULL;
     if (wq_parse(&s, args, args + 7, &c) < 0) goto done;
-    if (add_data_like(&s, args[6], "out", 1, &s.v[0], c.p.dtype, &out) < 0) goto done;
+    if (add_data_like(&s, args[6], "out", 1, &s.v[0], c.p.dtype, &out, &c.p.out_dtype) < 0) goto done;
     if (views_check_aliasing(&s) < 0) goto done;
     const sq_kernel_table *k = get_state(module)->kernels;
     int status;
@@ -486,7 +491,8 @@ PyDoc_STRVAR(wq_backward_doc,
              "wq_backward(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, grad_out, grad_channel_scale,\n"
              "            grad_lora_a, grad_lora_b, grad_lwc_upper, grad_lwc_lower, grad_wt, bits, group_size,\n"
              "            n_quant, symmetric, lora_scaling, nthreads)\n--\n\n"
-             "Backward of wq_forward (straight-through rounding). Each grad_* output is a float32 tensor or None.");
+             "Backward of wq_forward (straight-through rounding). grad_out has the dtype of wq_forward's out;\n"
+             "each grad_* output is a float32 tensor or None.");
 
 static PyObject *wq_backward(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (check_nargs(nargs, 19, "wq_backward") < 0) return NULL;
@@ -496,7 +502,7 @@ static PyObject *wq_backward(PyObject *module, PyObject *const *args, Py_ssize_t
     PyObject *res = NULL;
     void *grad_out;
     if (wq_parse(&s, args, args + 13, &c) < 0) goto done;
-    if (add_data_like(&s, args[6], "grad_out", 0, &s.v[0], c.p.dtype, &grad_out) < 0) goto done;
+    if (add_data_like(&s, args[6], "grad_out", 0, &s.v[0], c.p.dtype, &grad_out, &c.p.out_dtype) < 0) goto done;
     g.grad_out = grad_out;
     const int64_t rows = c.p.rows, cols = c.p.cols, r = c.p.rank;
     const int64_t shp_alpha[1] = {cols}, shp_a[2] = {r, cols}, shp_b[2] = {rows, r},
@@ -571,7 +577,7 @@ static PyObject *aq_forward(PyObject *module, PyObject *const *args, Py_ssize_t 
     void *out;
     PyObject *res = NULL;
     if (aq_parse(&s, args[0], args[1], args + 3, &p, &alpha) < 0) goto done;
-    if (add_data_like(&s, args[2], "out", 1, &s.v[0], p.dtype, &out) < 0) goto done;
+    if (add_data_like(&s, args[2], "out", 1, &s.v[0], p.dtype, &out, NULL) < 0) goto done;
     if (views_check_aliasing(&s) < 0) goto done;
     const sq_kernel_table *k = get_state(module)->kernels;
     int status;
@@ -597,8 +603,8 @@ static PyObject *aq_backward(PyObject *module, PyObject *const *args, Py_ssize_t
     float *grad_alpha = NULL;
     PyObject *res = NULL;
     if (aq_parse(&s, args[0], args[1], args + 5, &p, &alpha) < 0) goto done;
-    if (add_data_like(&s, args[2], "grad_out", 0, &s.v[0], p.dtype, &grad_out) < 0) goto done;
-    if (args[3] != Py_None && add_data_like(&s, args[3], "grad_x", 1, &s.v[0], p.dtype, &grad_x) < 0) goto done;
+    if (add_data_like(&s, args[2], "grad_out", 0, &s.v[0], p.dtype, &grad_out, NULL) < 0) goto done;
+    if (args[3] != Py_None && add_data_like(&s, args[3], "grad_x", 1, &s.v[0], p.dtype, &grad_x, NULL) < 0) goto done;
     const int64_t shp_alpha[1] = {p.cols};
     if (add_grad(&s, args[4], "grad_channel_scale", 1, shp_alpha, "(channels,)", alpha != NULL, &grad_alpha) < 0)
         goto done;
@@ -650,6 +656,8 @@ static PyObject *avx2_supported(PyObject *module, PyObject *unused) {
     return PyBool_FromLong(sq_kernels_avx2() != NULL);
 }
 
+static PyObject *native_bf16(PyObject *module, PyObject *unused) { return PyBool_FromLong(sq_native_bf16()); }
+
 static PyMethodDef module_methods[] = {
     {"wq_forward", (PyCFunction)(void (*)(void))wq_forward, METH_FASTCALL, wq_forward_doc},
     {"wq_backward", (PyCFunction)(void (*)(void))wq_backward, METH_FASTCALL, wq_backward_doc},
@@ -660,6 +668,8 @@ static PyMethodDef module_methods[] = {
     {"have_openmp", have_openmp, METH_NOARGS, "have_openmp()\n--\n\nWhether the extension was built with OpenMP."},
     {"max_threads", max_threads, METH_NOARGS, "max_threads()\n--\n\nOpenMP's default thread count."},
     {"avx2_supported", avx2_supported, METH_NOARGS, "avx2_supported()\n--\n\nWhether this CPU has AVX2 and FMA."},
+    {"native_bf16", native_bf16, METH_NOARGS,
+     "native_bf16()\n--\n\nWhether this CPU multiplies bfloat16 natively (AMX-BF16 or AVX512-BF16)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -42,7 +42,8 @@ typedef struct {
     int rank;        /* LoRA rank, 0 = no LoRA */
     float lora_scaling;
     int nthreads;
-    sq_dtype dtype;  /* dtype of W, W_hat and dW_hat; parameters are always float32 */
+    sq_dtype dtype;     /* dtype of W; parameters are always float32 */
+    sq_dtype out_dtype; /* dtype of W_hat and dL/dW_hat (e.g. bf16 from an fp32 master weight under autocast) */
 } sq_wq_params;
 
 /* Pointers of one weight fake-quant call.  NULL means "absent" (inputs) or "not wanted" (grads). */
@@ -56,7 +57,7 @@ typedef struct {
 } sq_wq_inputs;
 
 typedef struct {
-    const void *grad_out; /* rows x cols, dtype */
+    const void *grad_out; /* rows x cols, out_dtype */
     float *grad_alpha;    /* cols */
     float *grad_a;        /* rank x cols */
     float *grad_b;        /* rows x rank */
@@ -106,5 +107,6 @@ const sq_kernel_table *sq_kernels_avx2(void); /* NULL when the CPU lacks AVX2/FM
 const sq_kernel_table *sq_kernels_best(void);
 int sq_have_openmp(void);
 int sq_max_threads(void);
+int sq_native_bf16(void); /* AMX-BF16 or AVX512-BF16, OS-enabled */
 
 #endif /* SQ_KERNELS_H */

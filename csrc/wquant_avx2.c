@@ -47,7 +47,7 @@ static int group_grid_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const 
 
 int sq_wq_forward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, void *out) {
     const int64_t rows = p->rows, cols = p->cols, n_groups = cols / p->group;
-    const int stream = sq_stream_worth_it(rows, cols, p->dtype);
+    const int stream = sq_stream_worth_it(rows, cols, p->out_dtype);
     const int nt = sq_threads(p->nthreads, rows);
     sq_scratch sc;
     if (sq_scratch_init(&sc, nt, cols) != SQ_OK) return SQ_ERR_NOMEM;
@@ -68,8 +68,8 @@ int sq_wq_forward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, void *out)
                     status = st;
                     continue;
                 }
-                sq_quant_span_avx2(&g, wt + c0, cq - c0, out, p->dtype, i * cols + c0, stream);
-                sq_copy_span_avx2(wt + cq, c1 - cq, out, p->dtype, i * cols + cq, stream);
+                sq_quant_span_avx2(&g, wt + c0, cq - c0, out, p->out_dtype, i * cols + c0, stream);
+                sq_copy_span_avx2(wt + cq, c1 - cq, out, p->out_dtype, i * cols + cq, stream);
             }
         }
         _mm_sfence();
@@ -153,9 +153,9 @@ int sq_wq_backward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const sq_
                     status = st;
                     continue;
                 }
-                const float ds = sq_quant_span_backward_avx2(&g, wt + c0, cq - c0, gr->grad_out, p->dtype,
+                const float ds = sq_quant_span_backward_avx2(&g, wt + c0, cq - c0, gr->grad_out, p->out_dtype,
                                                              i * cols + c0, gwt + c0);
-                sq_load_span_avx2(gr->grad_out, p->dtype, i * cols + cq, c1 - cq, gwt + cq);
+                sq_load_span_avx2(gr->grad_out, p->out_dtype, i * cols + cq, c1 - cq, gwt + cq);
                 float du = 0.0f, dl = 0.0f;
                 if (cq > c0) {
                     float dmx, dmn;

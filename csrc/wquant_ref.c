@@ -58,8 +58,8 @@ int sq_wq_forward_ref(const sq_wq_params *p, const sq_wq_inputs *in, void *out) 
                     status = st;
                     continue;
                 }
-                for (int64_t c = c0; c < cq; ++c) sq_store(out, p->dtype, i * cols + c, sq_grid_apply(&g, wt[c]));
-                for (int64_t c = cq; c < c1; ++c) sq_store(out, p->dtype, i * cols + c, wt[c]);
+                for (int64_t c = c0; c < cq; ++c) sq_store(out, p->out_dtype, i * cols + c, sq_grid_apply(&g, wt[c]));
+                for (int64_t c = cq; c < c1; ++c) sq_store(out, p->out_dtype, i * cols + c, wt[c]);
             }
         }
         free(wt);
@@ -101,7 +101,7 @@ int sq_wq_backward_ref(const sq_wq_params *p, const sq_wq_inputs *in, const sq_w
                 }
                 float ds = 0.0f;
                 for (int64_t c = c0; c < cq; ++c) {
-                    const float go = sq_load(gr->grad_out, p->dtype, i * cols + c);
+                    const float go = sq_load(gr->grad_out, p->out_dtype, i * cols + c);
                     const float t = wt[c] / g.s;
                     const float xi = nearbyintf(t) + g.z;
                     const int inside = xi >= g.qmin && xi <= g.qmax;
@@ -109,7 +109,7 @@ int sq_wq_backward_ref(const sq_wq_params *p, const sq_wq_inputs *in, const sq_w
                     gwt[c] = inside ? go : 0.0f;
                     ds += go * ((q - g.z) - (inside ? t : 0.0f));
                 }
-                for (int64_t c = cq; c < c1; ++c) gwt[c] = sq_load(gr->grad_out, p->dtype, i * cols + c);
+                for (int64_t c = cq; c < c1; ++c) gwt[c] = sq_load(gr->grad_out, p->out_dtype, i * cols + c);
                 float du = 0.0f, dl = 0.0f;
                 if (cq > c0) {
                     float dmx, dmn;

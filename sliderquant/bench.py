@@ -8,7 +8,9 @@ reference allocates as eager PyTorch does.  Times are medians; threads are pinne
 
 ``calibrate`` runs a few SliderQuant windows of a real model three ways in one run: the engine
 with the C kernels, the same engine on the pure-torch path, and a plain full-precision
-forward+backward of the same windows and mini-batches (no quantization: the floor).
+forward+backward of the same windows and mini-batches (no quantization: the floor), each in the
+precision the engine trains in (``--precision auto``: bf16 autocast where the CPU multiplies bf16
+natively, else fp32; ``fp32,bf16`` measures both).  ``--profile`` splits the time by op category.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def bench_kernels(reps: int = 10, dtype: torch.dtype = torch.float32, threads: i
     return results
 
 
-def _time_floor(block, x, target, layer_kwargs, batch_size, epochs, gen):
+def _floor_epoch(block, x, target, layer_kwargs, batch_size, epochs, amp, gen):
     """Full-precision forward + backward (weight gradients included) of the window's mini-batches."""
     import torch.nn.functional as F
 
@@ -157,30 +159,61 @@ def _time_floor(block, x, target, layer_kwargs, batch_size, epochs, gen):
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    t0 = time.perf_counter()
     n = x.shape[0]
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            h = x[idx]
-            for layer in block:
-                h = models.call_layer(layer, h, layer_kwargs)
-            loss = F.mse_loss(h.float(), target[idx])
-            for p in params:
-                p.grad = None
-            loss.backward()
-    elapsed = time.perf_counter() - t0
-    for p, f in zip(params, flags):
-        p.requires_grad_(f)
-        p.grad = None
-    return elapsed
+    try:
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, batch_size):
+                idx = order[start:start + batch_size]
+                h = x[idx]
+                with amp:
+                    for layer in block:
+                        h = models.call_layer(layer, h, layer_kwargs)
+                loss = F.mse_loss(h.float(), target[idx])
+                for p in params:
+                    p.grad = None
+                loss.backward()
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+            p.grad = None
+
+
+# torch.profiler op names -> where the time goes (self time; everything else is "other")
+_CATEGORIES = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_mkldnn",
+                "mkldnn", "onednn")),
+    ("attention", ("scaled_dot_product", "flash_attention", "aten::_softmax")),
+    ("quantization", ("sliderquant::", "GeneratedBackwardFor_sliderquant")),
+    ("casts/copies", ("aten::copy_", "aten::_to_copy", "aten::to")),
+    ("optimizer", ("Optimizer.", "aten::_foreach", "adamw")),
+)
+
+
+def _profile_split(fn) -> dict:
+    """Seconds of self CPU time by category while ``fn`` runs (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    split = {name: 0.0 for name, _ in _CATEGORIES}
+    split["other"] = 0.0
+    for ev in prof.key_averages():
+        name = ev.key
+        cat = next((c for c, keys in _CATEGORIES if any(k in name for k in keys)), "other")
+        split[cat] += ev.self_cpu_time_total / 1e6
+    return split
 
 
 def bench_calibrate(model_name: str = "smollm2-135m", nsamples: int = 6, seqlen: int = 512,
                     batch_size: int = 3, windows=((0, 1), (14, 15)), config: str = "configs/w2a16g64.yaml",
-                    threads: int = 2, epochs: int = 1):
-    """Seconds per window-epoch: C kernels vs pure-torch path vs the full-precision floor."""
+                    threads: int = 2, epochs: int = 1, precisions=("auto",), reps: int = 3,
+                    profile: bool = False):
+    """Seconds per window-epoch: C kernels vs pure-torch path vs the full-precision floor.
+
+    For each precision (``auto`` = what ``quantize`` would use here, ``fp32``, ``bf16`` autocast) and
+    window: one untimed warm-up of each way (allocator, oneDNN primitives), then ``reps`` rounds that
+    time floor, C and torch in turn from the same starting parameters; the median round counts.
+    """
     import contextlib
     import os
 
@@ -193,59 +226,91 @@ def bench_calibrate(model_name: str = "smollm2-135m", nsamples: int = 6, seqlen:
     cfg = QuantConfig.from_yaml(config)
     cfg.batch_size = batch_size
     layers = models.decoder_layers(model)
+    device = next(model.parameters()).device
     with torch.no_grad():
         x0, layer_kwargs = models.capture_layer0_inputs(model, calib)
     x0 = x0.float()
-    amp = contextlib.nullcontext()
+    fp32 = contextlib.nullcontext()
     inputs = {}
-    for a, b in windows:   # fp inputs and targets of each window, before any wrapping
-        x_in = engine.forward_layers(layers[:a], x0, layer_kwargs, amp)
-        inputs[(a, b)] = (x_in, engine.forward_layers(layers[a:b + 1], x_in, layer_kwargs, amp))
-    floor = {w: _time_floor(layers[w[0]:w[1] + 1], *inputs[w], layer_kwargs, batch_size, epochs,
-                            torch.Generator().manual_seed(0)) for w in windows}
+    for a, b in windows:   # fp inputs and targets of each window (fp32), before any wrapping
+        x_in = engine.forward_layers(layers[:a], x0, layer_kwargs, fp32)
+        inputs[(a, b)] = (x_in, engine.forward_layers(layers[a:b + 1], x_in, layer_kwargs, fp32))
     qlayers = engine.wrap_layers(model, cfg, lwc=True, lora_rank=cfg.lora_rank)
     rows = []
-    for a, b in windows:
-        x_in, target = inputs[(a, b)]
-        block, qblock = layers[a:b + 1], qlayers[a:b + 1]
-        start_state = [{n: q.learned_state() for n, q in d.items()} for d in qblock]
-        times = {}
-        for path in ("c", "torch"):
-            for d, st in zip(qblock, start_state):
-                for n, q in d.items():
-                    q.load_learned_state(st[n])
-            previous = os.environ.get("SLIDERQUANT_ISA")
-            if path == "torch":
-                os.environ["SLIDERQUANT_ISA"] = "torch"
-            try:
-                t0 = time.perf_counter()
-                engine._train_window(block, qblock, x_in, target, layer_kwargs, cfg, epochs, amp,
-                                     torch.Generator().manual_seed(0))
-                times[path] = (time.perf_counter() - t0) / epochs
-            finally:
-                if previous is None:
-                    os.environ.pop("SLIDERQUANT_ISA", None)
-                else:
-                    os.environ["SLIDERQUANT_ISA"] = previous
-        fl = floor[(a, b)] / epochs
-        rows.append(dict(window=f"{a}-{b}", model=model_name, samples=nsamples, seqlen=seqlen,
-                         batch_size=batch_size, config=os.path.basename(config), floor_s=fl,
-                         c_s=times["c"], torch_s=times["torch"], speedup=times["torch"] / times["c"],
-                         overhead=times["c"] / fl - 1.0, backend=ops.backend(), threads=threads))
+    for precision in precisions:
+        cfg.autocast = precision
+        resolved = engine.resolve_autocast(cfg, device)
+        amp = engine._autocast(cfg, device)
+        for a, b in windows:
+            x_in, target = inputs[(a, b)]
+            block, qblock = layers[a:b + 1], qlayers[a:b + 1]
+            start_state = [{n: q.learned_state() for n, q in d.items()} for d in qblock]
+
+            def reset():
+                for d, st in zip(qblock, start_state):
+                    for n, q in d.items():
+                        q.load_learned_state(st[n])
+
+            def run(way):
+                gen = torch.Generator().manual_seed(0)
+                if way == "floor":
+                    with engine.teacher_mode(qblock):
+                        _floor_epoch(block, x_in, target, layer_kwargs, batch_size, epochs, amp, gen)
+                    return
+                reset()
+                previous = os.environ.get("SLIDERQUANT_ISA")
+                if way == "torch":
+                    os.environ["SLIDERQUANT_ISA"] = "torch"
+                try:
+                    engine._train_window(block, qblock, x_in, target, layer_kwargs, cfg, epochs, amp, gen)
+                finally:
+                    if previous is None:
+                        os.environ.pop("SLIDERQUANT_ISA", None)
+                    else:
+                        os.environ["SLIDERQUANT_ISA"] = previous
+
+            ways = ("floor", "c", "torch")
+            for way in ways:
+                run(way)                                   # warm-up
+            times = {w: [] for w in ways}
+            for _ in range(reps):
+                for way in ways:
+                    t0 = time.perf_counter()
+                    run(way)
+                    times[way].append((time.perf_counter() - t0) / epochs)
+            med = {w: statistics.median(t) for w, t in times.items()}
+            row = dict(window=f"{a}-{b}", model=model_name, samples=nsamples, seqlen=seqlen,
+                       batch_size=batch_size, config=os.path.basename(config), precision=resolved,
+                       floor_s=med["floor"], c_s=med["c"], torch_s=med["torch"],
+                       speedup=med["torch"] / med["c"], overhead=med["c"] / med["floor"] - 1.0,
+                       times=times, reps=reps, backend=ops.backend(), threads=threads)
+            if profile:
+                row["profile"] = {w: _profile_split(lambda w=w: run(w)) for w in ways}
+            reset()
+            rows.append(row)
     return rows
 
 
 def _print_calibrate(rows):
-    head = f"{'window':<7} {'floor s':>8} {'C s':>8} {'torch s':>8} {'C vs torch':>10} {'overhead':>9}"
+    head = (f"{'precision':<9} {'window':<7} {'floor s':>8} {'C s':>8} {'torch s':>8} {'C vs torch':>10} "
+            f"{'overhead':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['window']:<7} {r['floor_s']:8.2f} {r['c_s']:8.2f} {r['torch_s']:8.2f} {r['speedup']:9.2f}x "
-              f"{100 * r['overhead']:8.1f}%")
+        print(f"{r['precision']:<9} {r['window']:<7} {r['floor_s']:8.3f} {r['c_s']:8.3f} {r['torch_s']:8.3f} "
+              f"{r['speedup']:9.2f}x {100 * r['overhead']:8.1f}%")
     r = rows[0]
-    print(f"\nseconds per window-epoch; {r['model']}, {r['samples']} samples x {r['seqlen']} tokens, batch "
-          f"{r['batch_size']}, {r['config']}, backend={r['backend']}, threads={r['threads']}. floor = full-precision "
-          "forward+backward of the same mini-batches; overhead = C / floor - 1.")
+    print(f"\nseconds per window-epoch (median of {r['reps']} rounds after a warm-up); {r['model']}, "
+          f"{r['samples']} samples x {r['seqlen']} tokens, batch {r['batch_size']}, {r['config']}, "
+          f"backend={r['backend']}, threads={r['threads']}. floor = full-precision forward+backward of the same "
+          "mini-batches in the same precision; overhead = C / floor - 1.")
+    if any("profile" in r for r in rows):
+        cats = [c for c, _ in _CATEGORIES] + ["other"]
+        print(f"\nwhere the time goes (torch.profiler self CPU seconds of one window-epoch):")
+        print(f"{'precision':<9} {'window':<7} {'way':<6} " + " ".join(f"{c:>13}" for c in cats))
+        for r in rows:
+            for way, split in r.get("profile", {}).items():
+                print(f"{r['precision']:<9} {r['window']:<7} {way:<6} " + " ".join(f"{split[c]:13.3f}" for c in cats))
 
 
 def _print_table(rows):
@@ -279,12 +344,20 @@ def main(argv=None):
     c.add_argument("--windows", default="0-1,14-15", help="comma-separated first-last layer ranges")
     c.add_argument("--epochs", type=int, default=1)
     c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--precision", default="auto",
+                   help="comma-separated: auto (what quantize uses on this machine), fp32, bf16")
+    c.add_argument("--reps", type=int, default=3)
+    c.add_argument("--profile", action="store_true", help="also split one epoch of each way by op category")
     c.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "calibrate":
         windows = tuple(tuple(int(v) for v in w.split("-")) for w in args.windows.split(","))
+        precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip())
+        for p in precisions:
+            if p not in ("auto", "fp32", "bf16"):
+                parser.error(f"--precision: unknown precision {p!r} (auto, fp32, bf16)")
         rows = bench_calibrate(args.model, args.nsamples, args.seqlen, args.batch_size, windows, args.config,
-                               args.threads, args.epochs)
+                               args.threads, args.epochs, precisions, args.reps, args.profile)
         if args.json:
             json.dump(rows, sys.stdout, indent=1)
             print()

@@ -64,7 +64,7 @@ class QuantConfig:
     scale_lr_by_batch: bool = True
     lora_rank: int = 4
     lora_alpha: float = 1.0          # LoRA scaling = lora_alpha / lora_rank (authors: alpha 1)
-    autocast: str = "auto"           # auto: bf16 on CUDA, fp32 on CPU; or "bf16" / "fp32"
+    autocast: str = "auto"           # auto: bf16 on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32
     # schedule
     shallow_layers: int = 4
     deep_layers: int = 4

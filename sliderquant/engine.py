@@ -10,9 +10,12 @@ Determinism (what makes resume exact): no global RNG is used; mini-batch order c
 generator seeded by (seed, stage, window), LoRA factors from one seeded by (seed, layer, linear),
 and the inputs of a window are recomputed from layer 0 with the same chunking on resume.
 
-Precision: ``autocast: auto`` means bf16 autocast with fp32 master parameters on CUDA and plain
-fp32 on CPU; measured on this project's 2-core CPU machine (no native bf16), bf16 autocast made a
-SmolLM2-sized layer's training step about 10x slower (0.8 s vs 7.7 s), so CPU stays fp32.
+Precision: ``autocast: auto`` means bf16 autocast with fp32 master parameters (the authors'
+setting) on CUDA and on CPUs that multiply bf16 natively (AMX-BF16 or AVX512-BF16, see
+``ops.native_bf16``), and plain fp32 on other CPUs, where bf16 matmuls are emulated and were measured
+about 10x slower.  On this project's Sapphire Rapids machine a SmolLM2 window trains about 2x faster
+in bf16 (``python -m sliderquant.bench calibrate``).  Under autocast the fake-quantized weights are
+produced in bf16 directly by the kernels.
 """
 
 from __future__ import annotations
@@ -64,8 +67,10 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calibration: torch.Tensor
             else:
                 work = None
                 if work_dir is not None:
+                    # the resolved precision too: 'auto' may mean bf16 on one machine, fp32 on another
+                    precision = resolve_autocast(cfg, x0.device)
                     work = WorkDir(work_dir, fingerprint(cfg.fingerprint(), calibration,
-                                                         extra=model.config.to_json_string()))
+                                                         extra=model.config.to_json_string() + precision))
                 _run_windows(model, layers, cfg, x0, layer_kwargs, work)
             attach_state(model, cfg)     # before the cast back: codes and fp32 scales stay exact
         finally:
@@ -134,11 +139,20 @@ def teacher_mode(qlayers):
             q.quantize = True
 
 
+def resolve_autocast(cfg: QuantConfig, device: torch.device) -> str:
+    """``'bf16'`` or ``'fp32'``: the precision the windows train in (``autocast: auto`` decides by device)."""
+    if cfg.autocast != "auto":
+        return cfg.autocast
+    if device.type == "cuda":
+        return "bf16"
+    if device.type == "cpu":
+        from . import ops
+        return "bf16" if ops.native_bf16() else "fp32"
+    return "fp32"
+
+
 def _autocast(cfg: QuantConfig, device: torch.device):
-    mode = cfg.autocast
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "fp32"
-    if mode == "bf16":
+    if resolve_autocast(cfg, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -176,8 +190,8 @@ def _run_windows(model, layers, cfg: QuantConfig, x0, layer_kwargs, work: WorkDi
     qlayers = wrap_layers(model, cfg, lwc=True, lora_rank=lora_rank,
                           channel_scale=cfg.scale_lr > 0)
     amp = _autocast(cfg, x0.device)
-    log.info("%s: %d windows x %d stages, %d epochs per window and stage: %s", cfg.method,
-             len(windows), len(rates), epochs, format_windows(windows))
+    log.info("%s: %d windows x %d stages, %d epochs per window and stage, %s training: %s", cfg.method,
+             len(windows), len(rates), epochs, resolve_autocast(cfg, x0.device), format_windows(windows))
     steps = [(s, rate, k, w) for s, rate in enumerate(rates) for k, w in enumerate(windows)]
     done, table = 0, []
     if work is not None:

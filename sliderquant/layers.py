@@ -77,13 +77,18 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.finalized or not self.quantize:
             return F.linear(x, self.weight, self.bias)
-        w = ops.fake_quant_weight(self.weight, **self._qargs(), quant_rate=self.quant_rate)
+        # the dtype the matmul runs in: under autocast the fake-quantized weight is produced in the
+        # autocast dtype directly (no fp32 copy to cast, and a bf16 gradient read as it comes)
+        dev = x.device.type
+        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        out_dtype = mm_dtype if mm_dtype in (torch.float32, torch.bfloat16) else None
+        w = ops.fake_quant_weight(self.weight, **self._qargs(), quant_rate=self.quant_rate, out_dtype=out_dtype)
         if self.abits < 16:
             x = ops.fake_quant_act(x, self.abits, channel_scale=self.channel_scale,
                                    quant_rate=self.quant_rate)
         elif self.channel_scale is not None:
             x = (x.float() / self.channel_scale).to(x.dtype)
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, w.to(mm_dtype), None if self.bias is None else self.bias.to(mm_dtype))
 
     # ---- deployment -------------------------------------------------------------------------------
     @torch.no_grad()

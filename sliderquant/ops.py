@@ -44,6 +44,12 @@ def backend() -> str:
     return _C.backend()
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX-BF16 or AVX512-BF16): then bf16 autocast
+    calibrates faster than fp32 (``autocast: auto`` picks it).  False without the extension."""
+    return bool(_C is not None and _C.native_bf16())
+
+
 def set_backend(name: str) -> None:
     """Select the C kernel table: ``'avx2'``, ``'ref'`` or ``'auto'`` (like ``SLIDERQUANT_ISA``)."""
     if _C is None:
@@ -78,8 +84,8 @@ def _raw(*tensors):
 @torch.library.custom_op("sliderquant::fake_quant_weight", mutates_args=())
 def _wq(w: Tensor, channel_scale: Optional[Tensor], lora_a: Optional[Tensor], lora_b: Optional[Tensor],
         lwc_upper: Optional[Tensor], lwc_lower: Optional[Tensor], bits: int, group_size: int, n_quant: int,
-        symmetric: bool, lora_scaling: float) -> Tensor:
-    out = torch.empty_like(w, memory_format=torch.contiguous_format)
+        symmetric: bool, lora_scaling: float, out_dtype: torch.dtype) -> Tensor:
+    out = torch.empty_like(w, dtype=out_dtype, memory_format=torch.contiguous_format)
     _C.wq_forward(*_raw(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower), out, bits, group_size, n_quant,
                   symmetric, lora_scaling, _nthreads(w.numel()))
     return out
@@ -87,8 +93,8 @@ def _wq(w: Tensor, channel_scale: Optional[Tensor], lora_a: Optional[Tensor], lo
 
 @_wq.register_fake
 def _wq_fake(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, bits, group_size, n_quant, symmetric,
-             lora_scaling):
-    return torch.empty_like(w, memory_format=torch.contiguous_format)
+             lora_scaling, out_dtype):
+    return torch.empty_like(w, dtype=out_dtype, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("sliderquant::fake_quant_weight_backward", mutates_args=())
@@ -124,8 +130,8 @@ def _wq_setup(ctx, inputs, output):
 def _wq_backward(ctx, grad):
     saved = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:6]]
-    grads = _wq_bwd(grad.contiguous(), *saved, *ctx.scalars, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 5
+    grads = _wq_bwd(grad.contiguous(), *saved, *ctx.scalars[:-1], needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 6
 
 
 _wq.register_autograd(_wq_backward, setup_context=_wq_setup)
@@ -231,11 +237,12 @@ def fake_quant_weight(w: Tensor, bits: int, group_size: Optional[int] = None, sy
                       lwc_upper: Optional[Tensor] = None, lwc_lower: Optional[Tensor] = None,
                       channel_scale: Optional[Tensor] = None, lora_a: Optional[Tensor] = None,
                       lora_b: Optional[Tensor] = None, lora_scaling: float = 1.0,
-                      quant_rate: float = 1.0) -> Tensor:
+                      quant_rate: float = 1.0, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Fake-quantize a weight: ``Q(W * channel_scale + lora_scaling * lora_b @ lora_a)``.
 
     Args:
-        w: (out_features, in_features), float32 or bfloat16; the result has the same dtype.
+        w: (out_features, in_features), float32 or bfloat16; the result has the same dtype unless
+            ``out_dtype`` says otherwise.
         bits: 2 to 8.
         group_size: columns per quantization group (must divide in_features); ``None`` = per channel.
         symmetric: symmetric grid without zero point instead of the default asymmetric one.
@@ -244,6 +251,9 @@ def fake_quant_weight(w: Tensor, bits: int, group_size: Optional[int] = None, sy
         lora_a, lora_b: low-rank refinement, (r, in_features) and (out_features, r).
         quant_rate: only the first ``ceil(rate * in_features)`` columns (or ``ceil(rate * n_groups)``
             groups) are quantized; the rest pass through.  Scales come from whole rows/groups.
+        out_dtype: float32 or bfloat16 result (default: ``w.dtype``).  Under bf16 autocast, an fp32
+            master weight fake-quantized straight to bf16 saves a cast of the result on the way in
+            and of its gradient on the way out; the values are those of ``.to(out_dtype)``.
 
     Differentiable in ``w`` and every parameter (straight-through rounding, ALGORITHM.md section 3).
     """
@@ -276,12 +286,16 @@ def fake_quant_weight(w: Tensor, bits: int, group_size: Optional[int] = None, sy
     lwc_upper = _param(lwc_upper, "lwc_upper", (out_f, n_groups), w)
     lwc_lower = _param(lwc_lower, "lwc_lower", (out_f, n_groups), w)
     lora_scaling = float(lora_scaling)
+    if out_dtype is None:
+        out_dtype = w.dtype
+    elif out_dtype not in _DATA_DTYPES:
+        raise TypeError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype!r}")
     if not _use_c(w):
         _check_finite(w, "the weight")
         return reference.fake_quant_weight(w, bits, group_size, symmetric, lwc_upper, lwc_lower, channel_scale,
-                                           lora_a, lora_b, lora_scaling, quant_rate)
+                                           lora_a, lora_b, lora_scaling, quant_rate).to(out_dtype)
     return _wq(w.contiguous(), channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, bits, group_size or 0,
-               n_quant, bool(symmetric), lora_scaling)
+               n_quant, bool(symmetric), lora_scaling, out_dtype)
 
 
 def fake_quant_act(x: Tensor, bits: int, symmetric: bool = False, channel_scale: Optional[Tensor] = None,

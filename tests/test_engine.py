@@ -229,3 +229,47 @@ def test_bf16_model_keeps_exact_codes(tmp_path):
     sliderquant.save(model, tmp_path)
     loaded = sliderquant.load(tmp_path)
     assert torch.equal(loaded.sliderquant_state["tensors"]["model.layers.1.mlp.down_proj.scales"], s)
+
+
+def test_autocast_resolution(monkeypatch):
+    from sliderquant import engine, ops
+    cpu = torch.device("cpu")
+    assert engine.resolve_autocast(QuantConfig(autocast="fp32"), cpu) == "fp32"
+    assert engine.resolve_autocast(QuantConfig(autocast="bf16"), cpu) == "bf16"
+    assert engine.resolve_autocast(QuantConfig(), torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(ops, "native_bf16", lambda: True)
+    assert engine.resolve_autocast(QuantConfig(), cpu) == "bf16"
+    monkeypatch.setattr(ops, "native_bf16", lambda: False)     # a CPU that would emulate bf16 matmuls
+    assert engine.resolve_autocast(QuantConfig(), cpu) == "fp32"
+    with pytest.raises(ValueError, match="autocast"):
+        QuantConfig(autocast="fp16")
+
+
+def test_quant_linear_under_bf16_autocast_matches_unfused():
+    """Under autocast the kernel writes the bf16 weight itself; oracle: the fp32 reference weight cast
+    to bf16 by hand, with the same LoRA/LWC parameters, through a plain bf16 matmul."""
+    from torch import nn
+
+    from sliderquant import reference
+    from sliderquant.layers import QuantLinear
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 48, bias=True)
+    ql = QuantLinear(lin, wbits=3, group_size=32, lora_rank=4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ql.lora_b.normal_(0, 0.02)
+    x = torch.randn(2, 5, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ql(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    got = {n: p.grad.clone() for n, p in ql.named_parameters() if p.requires_grad}
+
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in ql.named_parameters() if p.requires_grad}
+    w_hat = reference.fake_quant_weight(ql.weight, 3, 32, lwc_upper=params["lwc_upper"],
+                                        lwc_lower=params["lwc_lower"], lora_a=params["lora_a"],
+                                        lora_b=params["lora_b"], lora_scaling=ql.lora_scaling)
+    y_ref = torch.nn.functional.linear(x.bfloat16(), w_hat.bfloat16(), ql.bias.bfloat16())
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    y_ref.float().square().sum().backward()
+    for n, p in params.items():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-3, atol=1e-6, msg=n)

@@ -387,3 +387,61 @@ def test_many_tied_extremes(isa, group):
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
     for name in params:
         torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-4, atol=1e-5)
+
+
+# ---- out_dtype: an fp32 master weight fake-quantized straight to bf16 (bf16 autocast) ----------------
+
+@pytest.mark.parametrize("w_dtype,out_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("group,rate,extras", [(None, 1.0, ("lora",)), (64, 0.5, ("alpha", "lora")), (32, 1.0, ())])
+def test_out_dtype_equals_reference_then_cast(isa, w_dtype, out_dtype, group, rate, extras):
+    """Oracle: the reference in the weight's dtype, then ``.to(out_dtype)``; the gradient flows back
+    through that cast, so the kernel reading a grad of ``out_dtype`` must give the same parameter grads."""
+    cols = 203 if group is None else 4 * group
+    w, params, grad = make_weight_case(11, cols, group, extras, w_dtype, seed=7)
+    grad = grad.to(out_dtype)
+    kw = dict(bits=3, group_size=group, quant_rate=rate)
+    out_c, gw_c, gp_c = run_weight(lambda w, **k: ops.fake_quant_weight(w, **k, out_dtype=out_dtype),
+                                   w, params, grad, **kw)
+    out_r, gw_r, gp_r = run_weight(lambda w, **k: reference.fake_quant_weight(w, **k).to(out_dtype),
+                                   w, params, grad, **kw)
+    assert out_c.dtype == out_dtype and gw_c.dtype == w_dtype
+    tol = 1e-2 if torch.bfloat16 in (w_dtype, out_dtype) else 1e-5
+    assert_mostly_close(out_c, out_r, tol, what="W_hat")
+    assert_mostly_close(gw_c, gw_r, tol, what="dW")
+    for name in params:
+        assert_mostly_close(gp_c[name], gp_r[name], tol, what=f"d{name}")
+
+
+def test_out_dtype_bf16_is_the_rounded_fp32_result(isa):
+    w, params, _ = make_weight_case(16, 256, 64, ("lora",), torch.float32, seed=3)
+    full = ops.fake_quant_weight(w, 2, 64, **params)
+    direct = ops.fake_quant_weight(w, 2, 64, **params, out_dtype=torch.bfloat16)
+    assert torch.equal(direct, full.to(torch.bfloat16))
+
+
+def test_out_dtype_errors():
+    w = torch.randn(4, 8)
+    with pytest.raises(TypeError, match="out_dtype"):
+        ops.fake_quant_weight(w, 4, out_dtype=torch.float16)
+    with pytest.raises(TypeError, match="out_dtype"):
+        ops.fake_quant_weight(w, 4, out_dtype="bf16")
+    # the C entry point accepts an out of either data dtype, but no other
+    C.wq_forward(w, None, None, None, None, None, torch.empty(4, 8, dtype=torch.bfloat16), 4, 0, 8, False, 1.0, 1)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        C.wq_forward(w, None, None, None, None, None, torch.empty(4, 8, dtype=torch.float16), 4, 0, 8, False, 1.0, 1)
+    with pytest.raises(ValueError, match="shape"):
+        C.wq_forward(w, None, None, None, None, None, torch.empty(4, 9, dtype=torch.bfloat16), 4, 0, 8, False, 1.0, 1)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs Linux /proc/cpuinfo")
+def test_native_bf16_matches_the_kernel_cpu_flags():
+    """Independent oracle: the flags the Linux kernel reports (it also hides what the OS does not enable)."""
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    expected = "avx512f" in flags and ("amx_bf16" in flags or "avx512_bf16" in flags)
+    assert C.native_bf16() == expected
+    assert ops.native_bf16() == expected
