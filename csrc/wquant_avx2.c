@@ -90,35 +90,46 @@ static void accumulate_alpha_avx2(const sq_wq_params *p, const sq_wq_inputs *in,
     for (; c < cols; ++c) acc[c] = fmaf(gwt[c], sq_load(in->w, p->dtype, base + c), acc[c]);
 }
 
-/* dB[i, k] = s * <gwt, A[k]>  and  acc_a[k] += s * B[i, k] * gwt, all k in one pass over gwt */
-static void accumulate_lora_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const sq_wq_grads *gr,
-                                 int64_t i, const float *gwt, float *acc_a) {
+/* dB[i, k] = s * <gwt, A[k]> for every k; one accumulator at a time (k outer), so the sum over
+ * columns runs in the same order as ever and stays in a register. */
+static void lora_grad_b_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const sq_wq_grads *gr, int64_t i,
+                             const float *gwt) {
     const int64_t cols = p->cols;
-    const int rank = p->rank, want_a = gr->grad_a != NULL;
-    __m256 vdot[SQ_MAX_RANK], vcoef[SQ_MAX_RANK];
-    float coef[SQ_MAX_RANK];
-    for (int k = 0; k < rank; ++k) {
-        coef[k] = p->lora_scaling * in->lora_b[i * rank + k];
-        vcoef[k] = _mm256_set1_ps(coef[k]);
-        vdot[k] = _mm256_setzero_ps();
+    for (int k = 0; k < p->rank; ++k) {
+        const float *a_k = in->lora_a + (int64_t)k * cols;
+        __m256 vdot = _mm256_setzero_ps();
+        int64_t c = 0;
+        for (; c + 8 <= cols; c += 8) vdot = _mm256_fmadd_ps(_mm256_loadu_ps(gwt + c), _mm256_loadu_ps(a_k + c), vdot);
+        float dot = sq_hsum8(vdot);
+        for (; c < cols; ++c) dot = fmaf(gwt[c], a_k[c], dot);
+        gr->grad_b[i * p->rank + k] = p->lora_scaling * dot;
     }
-    int64_t c = 0;
-    for (; c + 8 <= cols; c += 8) {
-        const __m256 g = _mm256_loadu_ps(gwt + c);
-        for (int k = 0; k < rank; ++k) {
-            const int64_t off = (int64_t)k * cols + c;
-            vdot[k] = _mm256_fmadd_ps(g, _mm256_loadu_ps(in->lora_a + off), vdot[k]);
-            if (want_a) _mm256_storeu_ps(acc_a + off, _mm256_fmadd_ps(vcoef[k], g, _mm256_loadu_ps(acc_a + off)));
-        }
-    }
+}
+
+/* Rows of dL/dWt buffered before they are folded into the dA accumulator: each accumulator
+ * vector is loaded and stored once per block instead of once per row. */
+#define SQ_LORA_BLOCK 8
+
+/* acc_a[k] += coef[r][k] * gwt[r] for the nb buffered rows r, in row order (the same sequence of
+ * fused multiply-adds per element as one row at a time, so results do not depend on the block). */
+static void lora_flush_a_avx2(const sq_wq_params *p, const float *blk, const float *coef, int nb, float *acc_a) {
+    const int64_t cols = p->cols;
+    const int rank = p->rank;
     for (int k = 0; k < rank; ++k) {
-        float dot = sq_hsum8(vdot[k]);
-        for (int64_t e = c; e < cols; ++e) {
-            const int64_t off = (int64_t)k * cols + e;
-            dot = fmaf(gwt[e], in->lora_a[off], dot);
-            if (want_a) acc_a[off] = fmaf(coef[k], gwt[e], acc_a[off]);
+        float *acc = acc_a + (int64_t)k * cols;
+        __m256 vc[SQ_LORA_BLOCK];
+        for (int r = 0; r < nb; ++r) vc[r] = _mm256_set1_ps(coef[r * rank + k]);
+        int64_t c = 0;
+        for (; c + 8 <= cols; c += 8) {
+            __m256 v = _mm256_loadu_ps(acc + c);
+            for (int r = 0; r < nb; ++r) v = _mm256_fmadd_ps(vc[r], _mm256_loadu_ps(blk + (int64_t)r * cols + c), v);
+            _mm256_storeu_ps(acc + c, v);
         }
-        if (gr->grad_b) gr->grad_b[i * rank + k] = p->lora_scaling * dot;
+        for (; c < cols; ++c) {
+            float v = acc[c];
+            for (int r = 0; r < nb; ++r) v = fmaf(coef[r * rank + k], blk[(int64_t)r * cols + c], v);
+            acc[c] = v;
+        }
     }
 }
 
@@ -129,7 +140,9 @@ int sq_wq_backward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const sq_
     const int nslots = sq_slots(rows);
     const int64_t off_alpha = 0, off_a = cols;
     sq_scratch sc, acc;
-    if (sq_scratch_init(&sc, nt, 2 * cols) != SQ_OK) return SQ_ERR_NOMEM;
+    /* per thread: the wt row, SQ_LORA_BLOCK rows of dL/dWt, their LoRA coefficients */
+    const int64_t per_thread = (1 + SQ_LORA_BLOCK) * cols + SQ_LORA_BLOCK * (int64_t)(rank ? rank : 1);
+    if (sq_scratch_init(&sc, nt, per_thread) != SQ_OK) return SQ_ERR_NOMEM;
     if (sq_scratch_init(&acc, nslots, cols + (int64_t)rank * cols) != SQ_OK) {
         free(sc.base);
         return SQ_ERR_NOMEM;
@@ -137,11 +150,15 @@ int sq_wq_backward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const sq_
     int status = SQ_OK;
 #pragma omp parallel num_threads(nt)
     {
-        float *wt = sq_scratch_thread(&sc, SQ_THREAD_ID()), *gwt = wt + cols;
+        float *wt = sq_scratch_thread(&sc, SQ_THREAD_ID()), *blk = wt + cols;
+        float *coef = blk + SQ_LORA_BLOCK * cols;
 #pragma omp for schedule(dynamic, 1)
         for (int slot = 0; slot < nslots; ++slot) {
         float *slot_acc = sq_scratch_thread(&acc, slot);
-        for (int64_t i = sq_slot_begin(rows, slot, nslots); i < sq_slot_begin(rows, slot + 1, nslots); ++i) {
+        const int64_t i_end = sq_slot_begin(rows, slot + 1, nslots);
+        int nb = 0; /* rows of dL/dWt buffered in blk */
+        for (int64_t i = sq_slot_begin(rows, slot, nslots); i < i_end; ++i) {
+            float *gwt = blk + (int64_t)nb * cols;
             transform_row_avx2(p, in, i, wt);
             for (int64_t j = 0; j < n_groups; ++j) {
                 const int64_t c0 = j * p->group, c1 = c0 + p->group;
@@ -168,7 +185,14 @@ int sq_wq_backward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const sq_
             }
             if (gr->grad_wt) memcpy(gr->grad_wt + i * cols, gwt, (size_t)cols * sizeof(float));
             if (gr->grad_alpha) accumulate_alpha_avx2(p, in, i, gwt, slot_acc + off_alpha);
-            if (rank) accumulate_lora_avx2(p, in, gr, i, gwt, slot_acc + off_a);
+            if (rank && gr->grad_b) lora_grad_b_avx2(p, in, gr, i, gwt);
+            if (rank && gr->grad_a) {
+                for (int k = 0; k < rank; ++k) coef[nb * rank + k] = p->lora_scaling * in->lora_b[i * rank + k];
+                if (++nb == SQ_LORA_BLOCK || i + 1 == i_end) {
+                    lora_flush_a_avx2(p, blk, coef, nb, slot_acc + off_a);
+                    nb = 0;
+                }
+            }
         }
         }
     }

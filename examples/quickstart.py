@@ -25,6 +25,7 @@ import torch
 import sliderquant
 from sliderquant import assets, data, evaluate
 from sliderquant.config import QuantConfig
+from sliderquant.engine import resolve_autocast
 
 METHODS = ("fp", "rtn", "gptq", "omniquant", "sliderquant")
 
@@ -66,6 +67,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--max-windows", type=int, default=None, help="perplexity windows to evaluate")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--autocast", default=None, choices=["auto", "fp32", "bf16"],
+                        help="training precision (default: the config's, auto = bf16 where the CPU has native bf16)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -106,6 +109,8 @@ def main(argv=None):
                 cfg = copy.deepcopy(base)
                 cfg.method = method
                 cfg.nsamples, cfg.seqlen, cfg.batch_size, cfg.epochs = nsamples, seqlen, batch_size, epochs
+                if args.autocast:
+                    cfg.autocast = args.autocast
                 qmodel = sliderquant.quantize(copy.deepcopy(model), cfg, calib)
         seconds = time.time() - t0
         ppl = evaluate.perplexity(qmodel, eval_tokens, eval_seqlen, max_windows=max_windows, progress=False)
@@ -117,7 +122,11 @@ def main(argv=None):
 
     bits = f"W{base.wbits}A{base.abits} " + (f"g{base.group_size}" if base.group_size else "per-channel")
     windows = "all windows" if max_windows is None else f"first {max_windows} windows"
-    print(f"\n{args.model}, {bits}: perplexity on {eval_name} (seqlen {eval_seqlen}, {windows})")
+    if args.autocast:
+        base.autocast = args.autocast
+    precision = resolve_autocast(base, next(model.parameters()).device)
+    print(f"\n{args.model}, {bits}, {precision} training: perplexity on {eval_name} (seqlen {eval_seqlen}, "
+          f"{windows})")
     print(f"| {'method':<12} | {'perplexity':>10} | {'quantize s':>10} | {'peak RSS GiB':>12} |")
     print(f"|{'-' * 14}|{'-' * 11}:|{'-' * 11}:|{'-' * 13}:|")
     for method, ppl, seconds, peak in rows:
@@ -126,7 +135,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "setting": bits, "eval": eval_name, "eval_seqlen": eval_seqlen,
                        "max_windows": max_windows, "nsamples": nsamples, "seqlen": seqlen, "epochs": epochs,
-                       "batch_size": batch_size, "threads": args.threads,
+                       "batch_size": batch_size, "threads": args.threads, "precision": precision,
                        "rows": [dict(method=m, ppl=p, seconds=t, peak_rss_gib=g) for m, p, t, g in rows]},
                       f, indent=1)
 

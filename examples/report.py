@@ -25,6 +25,7 @@ import torch
 import sliderquant
 from sliderquant import data, evaluate
 from sliderquant.config import QuantConfig
+from sliderquant.engine import resolve_autocast
 
 SETTINGS = {
     "W4A16": "configs/w4a16.yaml",
@@ -62,9 +63,11 @@ def _markdown(results: dict, args) -> str:
     windows = "all windows" if args.max_windows is None else f"first {args.max_windows} windows"
     limit = "all documents" if args.limit is None else f"first {args.limit} documents per task"
     lines.append("")
+    # rows written before precisions were recorded were all trained in fp32 (the CPU default then)
+    precisions = sorted({r.get("precision", "fp32") for k, r in results.items() if not k.endswith(("/fp", "/rtn"))})
     lines.append(f"{args.model}; calibration: C4 documents 0-999, {args.nsamples} x {args.seqlen} tokens, "
-                 f"{args.epochs} epochs, batch {args.batch_size}; perplexity seqlen {args.eval_seqlen}, {windows}; "
-                 f"zero-shot tasks {args.tasks or '-'} ({limit}).")
+                 f"{args.epochs} epochs, batch {args.batch_size}, {'/'.join(precisions) or '-'} training; "
+                 f"perplexity seqlen {args.eval_seqlen}, {windows}; zero-shot tasks {args.tasks or '-'} ({limit}).")
     return "\n".join(lines)
 
 
@@ -108,6 +111,8 @@ def main(argv=None):
     p.add_argument("--tasks", default=TASKS, help="'' to skip zero-shot")
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--autocast", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="training precision; auto = bf16 where the CPU multiplies bf16 natively (kept per row)")
     p.add_argument("--render-only", action="store_true", help="only write report.md/png from results.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -140,11 +145,14 @@ def main(argv=None):
             cfg = copy.deepcopy(base)
             cfg.method = method
             cfg.nsamples, cfg.seqlen, cfg.epochs, cfg.batch_size = args.nsamples, args.seqlen, args.epochs, args.batch_size
+            cfg.autocast = args.autocast
             t0 = time.time()
             qmodel = sliderquant.quantize(copy.deepcopy(model), cfg, None if method == "rtn" else calib)
             seconds = time.time() - t0
             row = _measure(qmodel, tokenizer, eval_tokens, args)
             row["seconds"] = seconds
+            if method != "rtn":
+                row["precision"] = resolve_autocast(cfg, next(model.parameters()).device)
             record(key, row)
             del qmodel
     _render(results, args)
