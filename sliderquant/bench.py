@@ -152,27 +152,16 @@ def bench_kernels(reps: int = 10, dtype: torch.dtype = torch.float32, threads: i
 
 def _floor_epoch(block, x, target, layer_kwargs, batch_size, epochs, amp, gen):
     """Full-precision forward + backward (weight gradients included) of the window's mini-batches."""
-    import torch.nn.functional as F
-
-    from . import models
+    from . import engine
     params = [p for p in block.parameters()]
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    n = x.shape[0]
     try:
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=gen)
-            for start in range(0, n, batch_size):
-                idx = order[start:start + batch_size]
-                h = x[idx]
-                with amp:
-                    for layer in block:
-                        h = models.call_layer(layer, h, layer_kwargs)
-                loss = F.mse_loss(h.float(), target[idx])
-                for p in params:
-                    p.grad = None
-                loss.backward()
+        for loss in engine.window_losses(block, x, target, layer_kwargs, batch_size, epochs, amp, gen):
+            for p in params:
+                p.grad = None
+            loss.backward()
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)

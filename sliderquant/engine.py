@@ -265,23 +265,30 @@ def _train_window(block, qlayers, x_q, target, layer_kwargs, cfg: QuantConfig, e
                     for key, ps in groups.items() if ps and lrs[key] > 0]
     if not param_groups or epochs == 0:
         return
-    n, bs = x_q.shape[0], cfg.batch_size
-    total = epochs * math.ceil(n / bs)
+    bs = cfg.batch_size
+    total = epochs * math.ceil(x_q.shape[0] / bs)
     opt = torch.optim.AdamW(param_groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / total))
+    for loss in window_losses(block, x_q, target, layer_kwargs, bs, epochs, amp, gen):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def window_losses(block, x, target, layer_kwargs, batch_size, epochs, amp, gen):
+    """The reconstruction loss of each mini-batch, epoch after epoch, in the order ``gen`` draws
+    (one ``randperm`` per epoch); the caller runs backward and steps."""
+    n = x.shape[0]
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
-        for start in range(0, n, bs):
-            idx = order[start:start + bs]
-            h = x_q[idx]
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            h = x[idx]
             with amp:
                 for layer in block:
                     h = models.call_layer(layer, h, layer_kwargs)
-            loss = F.mse_loss(h.float(), target[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            yield F.mse_loss(h.float(), target[idx])
 
 
 def _mse(block, x, target, layer_kwargs, amp) -> float:
