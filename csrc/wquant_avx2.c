@@ -90,17 +90,23 @@ static void accumulate_alpha_avx2(const sq_wq_params *p, const sq_wq_inputs *in,
     for (; c < cols; ++c) acc[c] = fmaf(gwt[c], sq_load(in->w, p->dtype, base + c), acc[c]);
 }
 
-/* dB[i, k] = s * <gwt, A[k]> for every k; one accumulator at a time (k outer), so the sum over
- * columns runs in the same order as ever and stays in a register. */
+/* dB[i, k] = s * <gwt, A[k]> for every k: one k at a time, four independent accumulators over
+ * the columns (a single chain would wait on the FMA latency at every step). */
 static void lora_grad_b_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const sq_wq_grads *gr, int64_t i,
                              const float *gwt) {
     const int64_t cols = p->cols;
     for (int k = 0; k < p->rank; ++k) {
         const float *a_k = in->lora_a + (int64_t)k * cols;
-        __m256 vdot = _mm256_setzero_ps();
+        __m256 v0 = _mm256_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
         int64_t c = 0;
-        for (; c + 8 <= cols; c += 8) vdot = _mm256_fmadd_ps(_mm256_loadu_ps(gwt + c), _mm256_loadu_ps(a_k + c), vdot);
-        float dot = sq_hsum8(vdot);
+        for (; c + 32 <= cols; c += 32) {
+            v0 = _mm256_fmadd_ps(_mm256_loadu_ps(gwt + c), _mm256_loadu_ps(a_k + c), v0);
+            v1 = _mm256_fmadd_ps(_mm256_loadu_ps(gwt + c + 8), _mm256_loadu_ps(a_k + c + 8), v1);
+            v2 = _mm256_fmadd_ps(_mm256_loadu_ps(gwt + c + 16), _mm256_loadu_ps(a_k + c + 16), v2);
+            v3 = _mm256_fmadd_ps(_mm256_loadu_ps(gwt + c + 24), _mm256_loadu_ps(a_k + c + 24), v3);
+        }
+        for (; c + 8 <= cols; c += 8) v0 = _mm256_fmadd_ps(_mm256_loadu_ps(gwt + c), _mm256_loadu_ps(a_k + c), v0);
+        float dot = sq_hsum8(_mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
         for (; c < cols; ++c) dot = fmaf(gwt[c], a_k[c], dot);
         gr->grad_b[i * p->rank + k] = p->lora_scaling * dot;
     }
@@ -120,6 +126,21 @@ static void lora_flush_a_avx2(const sq_wq_params *p, const float *blk, const flo
         __m256 vc[SQ_LORA_BLOCK];
         for (int r = 0; r < nb; ++r) vc[r] = _mm256_set1_ps(coef[r * rank + k]);
         int64_t c = 0;
+        for (; c + 32 <= cols; c += 32) { /* four columns chunks: four independent chains over the rows */
+            __m256 v0 = _mm256_loadu_ps(acc + c), v1 = _mm256_loadu_ps(acc + c + 8);
+            __m256 v2 = _mm256_loadu_ps(acc + c + 16), v3 = _mm256_loadu_ps(acc + c + 24);
+            for (int r = 0; r < nb; ++r) {
+                const float *g = blk + (int64_t)r * cols + c;
+                v0 = _mm256_fmadd_ps(vc[r], _mm256_loadu_ps(g), v0);
+                v1 = _mm256_fmadd_ps(vc[r], _mm256_loadu_ps(g + 8), v1);
+                v2 = _mm256_fmadd_ps(vc[r], _mm256_loadu_ps(g + 16), v2);
+                v3 = _mm256_fmadd_ps(vc[r], _mm256_loadu_ps(g + 24), v3);
+            }
+            _mm256_storeu_ps(acc + c, v0);
+            _mm256_storeu_ps(acc + c + 8, v1);
+            _mm256_storeu_ps(acc + c + 16, v2);
+            _mm256_storeu_ps(acc + c + 24, v3);
+        }
         for (; c + 8 <= cols; c += 8) {
             __m256 v = _mm256_loadu_ps(acc + c);
             for (int r = 0; r < nb; ++r) v = _mm256_fmadd_ps(vc[r], _mm256_loadu_ps(blk + (int64_t)r * cols + c), v);

@@ -412,11 +412,13 @@ def test_out_dtype_equals_reference_then_cast(isa, w_dtype, out_dtype, group, ra
         assert_mostly_close(gp_c[name], gp_r[name], tol, what=f"d{name}")
 
 
-def test_out_dtype_bf16_is_the_rounded_fp32_result(isa):
+@pytest.mark.parametrize("rate", [1.0, 0.5])   # 0.5: the unquantized half is rounded to bf16 as well
+def test_out_dtype_bf16_is_the_rounded_fp32_result(isa, rate):
     w, params, _ = make_weight_case(16, 256, 64, ("lora",), torch.float32, seed=3)
-    full = ops.fake_quant_weight(w, 2, 64, **params)
-    direct = ops.fake_quant_weight(w, 2, 64, **params, out_dtype=torch.bfloat16)
-    assert torch.equal(direct, full.to(torch.bfloat16))
+    w[3, 200:208] = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 3e38, 1e-38, -0.0, 2 ** -9, 1e-3])
+    full = ops.fake_quant_weight(w, 2, 64, **params, quant_rate=rate)
+    direct = ops.fake_quant_weight(w, 2, 64, **params, quant_rate=rate, out_dtype=torch.bfloat16)
+    assert torch.equal(direct, full.to(torch.bfloat16))   # round half to even, as Tensor.to
 
 
 def test_out_dtype_errors():
