@@ -55,7 +55,7 @@ def _time_pairs(pairs, shape: str, config: str, reps: int):
     return rows
 
 
-def _weight_case(rows, cols, group, rank, dtype, reps, nthreads):
+def _weight_case(rows, cols, group, rank, dtype, reps, nthreads, out_dtype=None):
     C = ops._C
     g = torch.Generator().manual_seed(0)
     w = torch.randn(rows, cols, generator=g).to(dtype)
@@ -64,10 +64,11 @@ def _weight_case(rows, cols, group, rank, dtype, reps, nthreads):
     l = torch.full((rows, n_groups), 4.0)
     a = torch.randn(rank, cols, generator=g) * 0.01
     b = torch.randn(rows, rank, generator=g) * 0.01
-    grad = torch.randn(rows, cols, generator=g).to(dtype)
+    out_dtype = out_dtype or dtype
+    grad = torch.randn(rows, cols, generator=g).to(out_dtype)
     bits = 4
     n_quant = cols
-    out = torch.empty_like(w)
+    out = torch.empty_like(w, dtype=out_dtype)
     grads = [torch.empty_like(a), torch.empty_like(b), torch.empty_like(u), torch.empty_like(l)]
     gs = group or 0
 
@@ -80,19 +81,23 @@ def _weight_case(rows, cols, group, rank, dtype, reps, nthreads):
 
     def eager_fwd():
         with torch.no_grad():
-            reference.fake_quant_weight(w, bits, group, False, u, l, None, a, b, 1.0)
+            reference.fake_quant_weight(w, bits, group, False, u, l, None, a, b, 1.0).to(out_dtype)
 
     pa, pb, pu, pl = (t.clone().requires_grad_(True) for t in (a, b, u, l))
 
     def eager_fwd_bwd():
         for p in (pa, pb, pu, pl):
             p.grad = None
-        reference.fake_quant_weight(w, bits, group, False, pu, pl, None, pa, pb, 1.0).backward(grad)
+        reference.fake_quant_weight(w, bits, group, False, pu, pl, None, pa, pb, 1.0).to(out_dtype).backward(grad)
 
-    esize = w.element_size()
-    label = f"w{bits} {'g' + str(group) if group else 'per-channel'} lora{rank} {str(dtype).replace('torch.', '')}"
-    return _time_pairs([("weight_fwd", c_fwd, eager_fwd, 2 * rows * cols * esize),
-                        ("weight_fwd_bwd", c_fwd_bwd, eager_fwd_bwd, 4 * rows * cols * esize)],
+    esize, osize = w.element_size(), out.element_size()
+    name = str(dtype).replace("torch.", "")
+    if out_dtype != dtype:
+        name += "->" + str(out_dtype).replace("torch.", "")
+    label = f"w{bits} {'g' + str(group) if group else 'per-channel'} lora{rank} {name}"
+    # bytes a fused kernel must move: fwd reads W, writes W_hat; bwd reads W and dL/dW_hat again
+    return _time_pairs([("weight_fwd", c_fwd, eager_fwd, rows * cols * (esize + osize)),
+                        ("weight_fwd_bwd", c_fwd_bwd, eager_fwd_bwd, 2 * rows * cols * (esize + osize))],
                        f"{rows}x{cols}", label, reps)
 
 
@@ -128,7 +133,8 @@ def _act_case(tokens, d, dtype, reps, nthreads):
                        f"{tokens}x{d}", f"a{bits} per-token {str(dtype).replace('torch.', '')}", reps)
 
 
-def bench_kernels(reps: int = 10, dtype: torch.dtype = torch.float32, threads: int = 2, quick: bool = False):
+def bench_kernels(reps: int = 10, dtype: torch.dtype = torch.float32, threads: int = 2, quick: bool = False,
+                  out_dtype: torch.dtype | None = None):
     if ops._C is None:
         raise SystemExit(f"the C extension is not built: {ops._C_ERROR}")
     torch.set_num_threads(threads)
@@ -137,7 +143,7 @@ def bench_kernels(reps: int = 10, dtype: torch.dtype = torch.float32, threads: i
     for rows, cols in shapes:
         copy = _copy_gbps(rows * cols * 4, reps)
         for group in (128, None):
-            for r in _weight_case(rows, cols, group, 4, dtype, reps, threads):
+            for r in _weight_case(rows, cols, group, 4, dtype, reps, threads, out_dtype):
                 r["copy_gbps"] = copy
                 results.append(r)
     tokens, d = (256, 1024) if quick else (2048, 4096)
@@ -322,7 +328,8 @@ def main(argv=None):
     k.add_argument("--json", action="store_true", help="print a JSON list of rows instead of a table")
     k.add_argument("--reps", type=int, default=10)
     k.add_argument("--threads", type=int, default=2)
-    k.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    k.add_argument("--dtype", choices=["fp32", "bf16", "fp32-bf16"], default="fp32",
+                   help="fp32-bf16: fp32 master weights fake-quantized to bf16 (training under bf16 autocast)")
     k.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
     c = sub.add_parser("calibrate", help="SliderQuant windows of a real model: C vs torch vs fp floor")
     c.add_argument("--model", default="smollm2-135m")
@@ -353,8 +360,9 @@ def main(argv=None):
         else:
             _print_calibrate(rows)
     elif args.command == "kernels":
-        dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-        rows = bench_kernels(args.reps, dtype, args.threads, args.quick)
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        out_dtype = torch.bfloat16 if args.dtype == "fp32-bf16" else None
+        rows = bench_kernels(args.reps, dtype, args.threads, args.quick, out_dtype)
         if args.json:
             json.dump(rows, sys.stdout, indent=1)
             print()

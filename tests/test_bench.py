@@ -56,3 +56,17 @@ def test_cli_rejects_unknown_precision(capsys):
         bench.main(["calibrate", "--precision", "fp16"])
     assert exc.value.code == 2
     assert "unknown precision" in capsys.readouterr().err
+
+
+def test_kernels_quick_rows_for_the_autocast_dtype_pair():
+    n = torch.get_num_threads()
+    try:
+        rows = bench.bench_kernels(reps=2, dtype=torch.float32, threads=1, quick=True, out_dtype=torch.bfloat16)
+    finally:
+        torch.set_num_threads(n)
+    weight = [r for r in rows if r["kernel"].startswith("weight")]
+    assert len(weight) == 4 and all("float32->bfloat16" in r["config"] for r in weight)
+    for r in rows:
+        assert r["c_ms"] > 0 and r["eager_ms"] > 0 and r["speedup"] == pytest.approx(r["eager_ms"] / r["c_ms"])
+    fwd = next(r for r in weight if r["kernel"] == "weight_fwd")
+    assert fwd["gbps"] == pytest.approx(1024 * 1024 * 6 / fwd["c_ms"] / 1e6)   # 4 bytes in, 2 bytes out
