@@ -29,25 +29,27 @@ static inline __m256 sq_load8(const void *p, sq_dtype dt, int64_t idx) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* 8 floats -> 8 bfloat16, round to nearest even, NaN kept quiet (as sq_f32_to_bf16) */
-static inline __m128i sq_cvt8_bf16(__m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
+/* Round-to-nearest-even bf16 bits of 8 finite floats, one per 32-bit lane (low 16 bits). */
+static inline __m256i sq_bf16_bits8(__m256i u) {
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-    const __m256i isnan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                             _mm256_set1_epi32(0x7f800000));
-    const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-    r = _mm256_blendv_epi8(r, qnan, isnan);
+    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+}
+
+static inline __m128i sq_pack8_u16(__m256i r) {
     return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
-/* The same for values known to be finite (no NaN to keep quiet): five instructions fewer. */
-static inline __m128i sq_cvt8_bf16_finite(__m256 v) {
+/* 8 floats -> 8 bfloat16, round to nearest even, NaN kept quiet (as sq_f32_to_bf16) */
+static inline __m128i sq_cvt8_bf16(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    const __m256i isnan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                             _mm256_set1_epi32(0x7f800000));
+    const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    return sq_pack8_u16(_mm256_blendv_epi8(sq_bf16_bits8(u), qnan, isnan));
 }
+
+/* The same for values known to be finite (no NaN to keep quiet): five instructions fewer. */
+static inline __m128i sq_cvt8_bf16_finite(__m256 v) { return sq_pack8_u16(sq_bf16_bits8(_mm256_castps_si256(v))); }
 
 /* Store 8 finite floats as dt (the quantized weight spans: a non-finite group is an error, never stored). */
 static inline void sq_store8_finite(void *p, sq_dtype dt, int64_t idx, __m256 v, int stream) {

@@ -97,6 +97,8 @@ def main(argv=None):
     print(f"loaded {args.model} and data in {time.time() - t0:.0f} s; calibration {nsamples} x {seqlen} tokens")
 
     base = QuantConfig.from_yaml(args.config or ("configs/w2a16.yaml" if tiny else "configs/w3a16g128.yaml"))
+    if args.autocast:
+        base.autocast = args.autocast
     rows = []
     for method in args.methods.split(","):
         if method not in METHODS:
@@ -109,8 +111,6 @@ def main(argv=None):
                 cfg = copy.deepcopy(base)
                 cfg.method = method
                 cfg.nsamples, cfg.seqlen, cfg.batch_size, cfg.epochs = nsamples, seqlen, batch_size, epochs
-                if args.autocast:
-                    cfg.autocast = args.autocast
                 qmodel = sliderquant.quantize(copy.deepcopy(model), cfg, calib)
         seconds = time.time() - t0
         ppl = evaluate.perplexity(qmodel, eval_tokens, eval_seqlen, max_windows=max_windows, progress=False)
@@ -122,8 +122,6 @@ def main(argv=None):
 
     bits = f"W{base.wbits}A{base.abits} " + (f"g{base.group_size}" if base.group_size else "per-channel")
     windows = "all windows" if max_windows is None else f"first {max_windows} windows"
-    if args.autocast:
-        base.autocast = args.autocast
     precision = resolve_autocast(base, next(model.parameters()).device)
     print(f"\n{args.model}, {bits}, {precision} training: perplexity on {eval_name} (seqlen {eval_seqlen}, "
           f"{windows})")

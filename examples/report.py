@@ -34,6 +34,7 @@ SETTINGS = {
     "W2A16 g64": "configs/w2a16g64.yaml",
 }
 METHODS = ("rtn", "gptq", "omniquant", "sliderquant")
+TRAINED = ("omniquant", "sliderquant")   # the methods that train windows (in the autocast precision)
 TASKS = "piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,openbookqa,lambada"
 
 
@@ -64,7 +65,7 @@ def _markdown(results: dict, args) -> str:
     limit = "all documents" if args.limit is None else f"first {args.limit} documents per task"
     lines.append("")
     # rows written before precisions were recorded were all trained in fp32 (the CPU default then)
-    precisions = sorted({r.get("precision", "fp32") for k, r in results.items() if not k.endswith(("/fp", "/rtn"))})
+    precisions = sorted({r.get("precision", "fp32") for k, r in results.items() if k.split("/")[1] in TRAINED})
     lines.append(f"{args.model}; calibration: C4 documents 0-999, {args.nsamples} x {args.seqlen} tokens, "
                  f"{args.epochs} epochs, batch {args.batch_size}, {'/'.join(precisions) or '-'} training; "
                  f"perplexity seqlen {args.eval_seqlen}, {windows}; zero-shot tasks {args.tasks or '-'} ({limit}).")
@@ -151,7 +152,7 @@ def main(argv=None):
             seconds = time.time() - t0
             row = _measure(qmodel, tokenizer, eval_tokens, args)
             row["seconds"] = seconds
-            if method != "rtn":
+            if method in TRAINED:
                 row["precision"] = resolve_autocast(cfg, next(model.parameters()).device)
             record(key, row)
             del qmodel
