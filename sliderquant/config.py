@@ -35,7 +35,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
-METHODS = ("sliderquant", "omniquant", "gptq", "rtn")
+from .limits import FULL_PRECISION_BITS, check_bits, check_group_size
+from .methods import METHODS
 
 # Authors' keys whose meaning is a plain rename.
 _AUTHOR_RENAMES = {"num_layer": "window_size", "sliding_layer": "stride"}
@@ -76,6 +77,8 @@ class QuantConfig:
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
     gptq_block_size: int = 128
+    # not in the method or the authors' code: undo a window whose training ends above its starting loss
+    revert_worse_windows: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
