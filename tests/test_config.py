@@ -51,6 +51,14 @@ def test_author_keys(tmp_path):
     ({"quant_step": 0}, "quant_step"),
     ({"stride": 3, "window_size": 2}, "stride"),
     ({"batch_size": 0}, "batch_size"),
+    ({"wbits": 1}, "wbits"),             # the kernels take 2..8; symmetric 1-bit zeroes every weight
+    ({"wbits": 9}, "wbits"),
+    ({"group_size": 0}, "group_size"),
+    ({"group_size": True}, "group_size"),
+    ({"abits": 4}, "abits"),             # weight-activation quantization is not implemented end to end
+    ({"abits": 8}, "abits"),
+    ({"abits": 17}, "abits"),
+    ({"scale_lr": 0.001}, "scale_lr"),   # channel scales need folding into the producer (not implemented)
 ])
 def test_errors_name_the_key(data, key):
     with pytest.raises(ValueError, match=key):
@@ -68,3 +76,36 @@ def test_fingerprint_changes_with_settings():
     a = QuantConfig()
     assert a.fingerprint() == QuantConfig().fingerprint()
     assert a.fingerprint() != a.replace(wbits=3).fingerprint()
+
+
+def test_weight_activation_settings_are_refused_with_the_reason():
+    """``abits < 16`` used to be accepted and reported as W4A4 while the saved model ran its
+    activations in full precision; ``scale_lr > 0`` failed only after the whole calibration."""
+    with pytest.raises(ValueError, match="abits.*16.*not implemented"):
+        QuantConfig(abits=4)
+    with pytest.raises(ValueError, match="scale_lr.*0.*not implemented"):
+        QuantConfig(scale_lr=0.01)
+    assert QuantConfig(abits=16, scale_lr=0.0).abits == 16
+
+
+def test_yaml_refuses_w4a4(tmp_path):
+    p = tmp_path / "w4a4.yaml"
+    p.write_text("wbits: 4\nabits: 4\n")
+    with pytest.raises(ValueError, match="w4a4.yaml.*abits"):
+        QuantConfig.from_yaml(p)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_bit_widths_of_the_kernels_are_accepted(bits):
+    assert QuantConfig(wbits=bits).wbits == bits
+
+
+def test_group_size_uses_the_shared_check():
+    """The same sentence as every other caller of ``limits.check_group_size``."""
+    from sliderquant.limits import check_group_size
+    with pytest.raises(ValueError) as ours:
+        QuantConfig(group_size=-4)
+    with pytest.raises(ValueError) as shared:
+        check_group_size(-4)
+    assert str(ours.value) == str(shared.value)
+    assert QuantConfig(group_size=64).group_size == 64 and QuantConfig(group_size=None).group_size is None
