@@ -8,7 +8,10 @@ g128 and W2A16 g64, it measures WikiText-2 and C4 perplexity (GPTQ protocol) and
 zero-shot accuracy over the offline lm-eval tasks, then writes ``results.json``, ``report.md``
 (a Markdown table) and ``report.png`` (a chart) into ``--out``.  Every finished (setting, method)
 is saved at once, so an interrupted run continues where it stopped when started again with the
-same arguments.  All methods share the same calibration tokens and the same budget.
+same arguments.  All methods share the same calibration tokens and the same budget.  Each data set
+is read from the offline assets, else the Hugging Face hub, else an offline fallback text; the
+texts actually used are recorded in ``results.json`` (``"sources"``) and named under the table.
+Runs from any directory.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,11 +31,12 @@ from sliderquant import data, evaluate
 from sliderquant.config import QuantConfig
 from sliderquant.engine import resolve_autocast
 
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"   # the presets, whatever the cwd
 SETTINGS = {
-    "W4A16": "configs/w4a16.yaml",
-    "W4A16 g128": "configs/w4a16g128.yaml",
-    "W3A16 g128": "configs/w3a16g128.yaml",
-    "W2A16 g64": "configs/w2a16g64.yaml",
+    "W4A16": CONFIGS / "w4a16.yaml",
+    "W4A16 g128": CONFIGS / "w4a16g128.yaml",
+    "W3A16 g128": CONFIGS / "w3a16g128.yaml",
+    "W2A16 g64": CONFIGS / "w2a16g64.yaml",
 }
 METHODS = ("rtn", "gptq", "omniquant", "sliderquant")
 TRAINED = ("omniquant", "sliderquant")   # the methods that train windows (in the autocast precision)
@@ -52,12 +57,26 @@ def _measure(model, tokenizer, eval_tokens, args) -> dict:
     return out
 
 
+def _rows(results: dict) -> dict:
+    """The measured rows ("setting/method" keys), without the "sources" record."""
+    return {k: v for k, v in results.items() if "/" in k}
+
+
+def _text_names(sources: dict) -> dict:
+    """The names of the texts used (a source minus where it was read: the same text from anywhere)."""
+    return {"calibration": sources["calibration"].split(" (")[0], "calib_seed": sources.get("calib_seed", 0),
+            "eval": {n: s.split(" (")[0] for n, s in sources.get("eval", {}).items()}}
+
+
 def _markdown(results: dict, args) -> str:
+    sources, results = results.get("sources"), _rows(results)
     cols = [c for c in ("ppl_wikitext2", "ppl_c4", "zeroshot_avg") if any(c in r for r in results.values())]
     names = {"ppl_wikitext2": "WikiText-2 ppl", "ppl_c4": "C4 ppl", "zeroshot_avg": "zero-shot avg acc (%)"}
     lines = [f"| setting | method | {' | '.join(names[c] for c in cols)} | quantize s |",
              "|---|---|" + "---:|" * (len(cols) + 1)]
     for key, r in results.items():
+        if key == "sources":
+            continue
         setting, method = key.split("/")
         vals = [f"{100 * r[c]:.1f}" if c == "zeroshot_avg" else f"{r[c]:.2f}" for c in cols]
         lines.append(f"| {setting} | {method} | {' | '.join(vals)} | {r.get('seconds', 0):.0f} |")
@@ -66,9 +85,14 @@ def _markdown(results: dict, args) -> str:
     lines.append("")
     # rows written before precisions were recorded were all trained in fp32 (the CPU default then)
     precisions = sorted({r.get("precision", "fp32") for k, r in results.items() if k.split("/")[1] in TRAINED})
-    lines.append(f"{args.model}; calibration: C4 documents 0-999, {args.nsamples} x {args.seqlen} tokens, "
+    # results written before sources were recorded used the offline assets (C4 docs 0-999, WikiText-2 test)
+    sources = sources or {"calibration": "c4 (offline assets, documents 0-999)"}
+    calib = f"{sources['calibration']}, seed {sources.get('calib_seed', 0)}"
+    measured = "; ".join(f"{n} = {src}" for n, src in sources.get("eval", {}).items())
+    lines.append(f"{args.model}; calibration: {calib}, {args.nsamples} x {args.seqlen} tokens, "
                  f"{args.epochs} epochs, batch {args.batch_size}, {'/'.join(precisions) or '-'} training; "
-                 f"perplexity seqlen {args.eval_seqlen}, {windows}; zero-shot tasks {args.tasks or '-'} ({limit}).")
+                 f"perplexity seqlen {args.eval_seqlen}, {windows}{'; texts: ' + measured if measured else ''}; "
+                 f"zero-shot tasks {args.tasks or '-'} ({limit}).")
     return "\n".join(lines)
 
 
@@ -76,6 +100,7 @@ def _chart(results: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    results = _rows(results)
     settings = list(dict.fromkeys(k.split("/")[0] for k in results if not k.startswith("FP")))
     fp = results.get("FP/fp", {})
     metrics = [m for m in ("ppl_wikitext2", "ppl_c4", "zeroshot_avg") if m in fp]
@@ -111,6 +136,8 @@ def main(argv=None):
     p.add_argument("--ppl", default="wikitext2,c4")
     p.add_argument("--tasks", default=TASKS, help="'' to skip zero-shot")
     p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--calib-seed", type=int, default=data.CALIB_SEED,
+                   help=f"seed that draws the calibration windows (default {data.CALIB_SEED})")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--autocast", default="auto", choices=["auto", "fp32", "bf16"],
                    help="training precision; auto = bf16 where the CPU multiplies bf16 natively (kept per row)")
@@ -125,8 +152,20 @@ def main(argv=None):
         return _render(results, args)
 
     model, tokenizer = data.load_model(args.model)
-    calib = data.get_calibration("c4", tokenizer, args.nsamples, args.seqlen, seed=0)
-    eval_tokens = {name: data.get_eval_tokens(name, tokenizer, args.eval_seqlen) for name in args.ppl.split(",") if name}
+    calib, calib_source = data.get_calibration("c4", tokenizer, args.nsamples, args.seqlen, seed=args.calib_seed,
+                                               return_source=True)
+    eval_tokens, eval_sources = {}, {}
+    for name in filter(None, args.ppl.split(",")):
+        eval_tokens[name], eval_sources[name] = data.get_eval_tokens(name, tokenizer, args.eval_seqlen,
+                                                                     return_source=True)
+    sources = {"calibration": calib_source, "calib_seed": args.calib_seed, "eval": eval_sources}
+    if _text_names(results.get("sources", sources)) != _text_names(sources):
+        raise SystemExit(f"{results_path} was measured on other data ({results.get('sources')}) than this run "
+                         f"would use ({sources}); choose another --out")
+    results["sources"] = sources
+    print(f"calibration: {calib_source}, seed {args.calib_seed}")
+    for name, src in eval_sources.items():
+        print(f"eval {name}: {src}")
 
     def record(key, row):
         results[key] = row

@@ -4,7 +4,8 @@ Search order: the ``SLIDERQUANT_ASSETS`` environment variable when it is set (th
 only place searched: an explicit setting is never silently overridden), else ``../shared/assets``
 relative to the repository root (the parent of this package's directory), then
 ``./shared/assets`` relative to the current directory.  The files are never copied into
-the repository.
+the repository.  Named data sets that are not found here are looked for further (the Hugging Face
+hub, then an offline fallback text): see ``sources.py``.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import os
 from pathlib import Path
 
 ENV_VAR = "SLIDERQUANT_ASSETS"
+REPO_ROOT = Path(__file__).resolve().parent.parent   # the checkout; the assets sit beside it
 
 
 def candidate_dirs() -> list[Path]:
     """The directories searched for assets, in order."""
     if os.environ.get(ENV_VAR):
         return [Path(os.environ[ENV_VAR]).expanduser()]
-    repo_root = Path(__file__).resolve().parent.parent
-    return [repo_root.parent / "shared" / "assets", Path.cwd() / "shared" / "assets"]
+    return [REPO_ROOT.parent / "shared" / "assets", Path.cwd() / "shared" / "assets"]
 
 
 def assets_dir() -> Path | None:

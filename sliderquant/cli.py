@@ -46,11 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory (Hugging Face format + codes)")
     q.add_argument("--work-dir", default=None, help="resumable work directory")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    q.add_argument("--calib-seed", type=int, default=0,
+                   help="seed that draws the calibration windows (default 0, as data.get_calibration; "
+                        "--seed is the training seed)")
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a (quantized) model")
     e.add_argument("--model", required=True)
     e.add_argument("--gguf-file", default=None)
-    e.add_argument("--ppl", default=None, help="comma-separated: wikitext2, c4, ptb-style or text files")
+    e.add_argument("--ppl", default=None,
+                   help="comma-separated: wikitext2, c4, ptb or text files (each resolved from the offline "
+                        "assets, else the Hugging Face hub, else an offline fallback text that is named in "
+                        "the output)")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--tasks", default=None,
@@ -71,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--nsamples", type=int, default=4)
     a.add_argument("--seqlen", type=int, default=256)
     a.add_argument("--calib", default="c4", help="c4, wikitext2, a text file, or 'sample' (from the model)")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--calib-seed", "--seed", dest="calib_seed", type=int, default=0,
+                   help="seed that draws the calibration windows (default 0)")
     a.add_argument("--batch-size", type=int, default=4, help="sequences per forward")
     a.add_argument("--out", required=True, help="directory for sensitivity.csv and sensitivity.png")
     a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -103,15 +110,17 @@ def _config(args):
 
 
 def _tokens(model, tokenizer, source: str, nsamples: int, seqlen: int, seed: int):
-    """Calibration tokens from c4 / wikitext2 / a file, or sampled from the model itself ("sample")."""
+    """``(tokens, name)``: calibration windows of c4 / wikitext2 / ptb / a file, or sampled from the
+    model itself ("sample"), drawn with ``seed``; ``name`` is the text actually used."""
     from . import data
     t0 = time.time()
     if source == "sample":
         tokens = data.sample_from_model(model, nsamples, seqlen, seed=seed)
+        used = f"sampled from the model (seed {seed})"
     else:
-        tokens = data.get_calibration(source, tokenizer, nsamples, seqlen, seed)
-    log.info("calibration tokens: %s, %d x %d (%.1fs)", source, *tokens.shape, time.time() - t0)
-    return tokens
+        tokens, used = data.get_calibration(source, tokenizer, nsamples, seqlen, seed, return_source=True)
+    log.info("calibration: %s, %d x %d tokens, seed %d (%.1fs)", used, *tokens.shape, seed, time.time() - t0)
+    return tokens, used
 
 
 def cmd_quantize(args) -> int:
@@ -121,7 +130,7 @@ def cmd_quantize(args) -> int:
     model, tokenizer = data.load_model(args.model, gguf_file=args.gguf_file)
     calib = None
     if cfg.method != "rtn":
-        calib = _tokens(model, tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        calib, _ = _tokens(model, tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, args.calib_seed)
     t0 = time.time()
     api.quantize(model, cfg, calib, work_dir=args.work_dir)
     log.info("%s done in %.1fs", cfg.method, time.time() - t0)
@@ -146,10 +155,11 @@ def cmd_eval(args) -> int:
         c = state["config"]
         result["quant"] = {k: c[k] for k in ("method", "wbits", "abits", "group_size")}
     for name in (args.ppl.split(",") if args.ppl else []):
-        tokens = data.get_eval_tokens(name, tokenizer, args.seqlen)
+        tokens, used = data.get_eval_tokens(name, tokenizer, args.seqlen, return_source=True)
         t0 = time.time()
         ppl = perplexity(model, tokens, args.seqlen, max_windows=args.max_windows, progress=not args.json)
-        result["perplexity"][name] = {"perplexity": ppl, "seconds": time.time() - t0}
+        # keyed by the name asked for; "source" names the text measured (a fallback is another text)
+        result["perplexity"][name] = {"perplexity": ppl, "seconds": time.time() - t0, "source": used}
     if args.tasks:
         import contextlib
 
@@ -164,9 +174,9 @@ def cmd_eval(args) -> int:
     if result["perplexity"]:
         windows = "all windows" if args.max_windows is None else f"at most {args.max_windows} windows"
         print(f"\nperplexity (seqlen {args.seqlen}, {windows})")
-        print("| dataset | perplexity |\n|---|---:|")
+        print("| dataset | text measured | perplexity |\n|---|---|---:|")
         for name, r in result["perplexity"].items():
-            print(f"| {name} | {r['perplexity']:.4f} |")
+            print(f"| {name} | {r['source']} | {r['perplexity']:.4f} |")
     if args.tasks:
         from .zeroshot import markdown_table
         print()
@@ -178,7 +188,7 @@ def cmd_analyze(args) -> int:
     from . import analyze, data
     analyze._check_bits(args.wbits)          # fail before loading the model
     model, tokenizer = data.load_model(args.model, gguf_file=args.gguf_file)
-    tokens = _tokens(model, tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    tokens, used = _tokens(model, tokenizer, args.calib, args.nsamples, args.seqlen, args.calib_seed)
     group_size = None if args.group_size == "channel" else args.group_size
     t0 = time.time()
     result = analyze.layer_sensitivity(model, tokens, args.wbits, group_size=group_size,
@@ -186,7 +196,7 @@ def cmd_analyze(args) -> int:
     log.info("analysis done in %.1fs", time.time() - t0)
     name = os.path.basename(os.path.normpath(args.model))
     title = (f"{name}: layer sensitivity, {result.setting}, one layer at a time\n"
-             f"({args.calib}, {args.nsamples} x {args.seqlen} tokens)")
+             f"({used}, {args.nsamples} x {args.seqlen} tokens)")
     paths = analyze.write_outputs(result, args.out, title)
     print(analyze.format_table(result))
     print(f"\nwrote {paths['csv']} and {paths['png']}")

