@@ -38,18 +38,23 @@ def _as_config(config) -> QuantConfig:
 
 
 def quantize(model: nn.Module, config, calibration: torch.Tensor | None = None,
-             work_dir: str | None = None) -> nn.Module:
+             work_dir: str | None = None, on_window=None) -> nn.Module:
     """Quantize ``model`` in place and return it.
 
-    ``calibration`` is a LongTensor of token ids (nsamples, seqlen); not needed for ``rtn``.
-    ``work_dir`` makes the run resumable: rerunning with the same arguments continues after the
-    last completed window.
+    ``calibration`` is a LongTensor of token ids (nsamples, seqlen); not needed by methods that
+    do not calibrate (``rtn``).  ``work_dir`` makes the run resumable: rerunning with the same
+    arguments continues after the last completed window.  ``on_window(done, total, row)`` is
+    called after each completed window of the window-training methods (progress, early exit).
     """
     from .engine import quantize_model
+    from .methods import get_method
     cfg = _as_config(config)
-    if cfg.method != "rtn" and calibration is None:
+    if get_method(cfg.method).needs_calibration and calibration is None:
         raise ValueError(f"method {cfg.method!r} needs calibration token ids (nsamples, seqlen)")
-    return quantize_model(model, cfg, calibration, work_dir=work_dir)
+    if on_window is not None and not callable(on_window):
+        raise TypeError(f"on_window must be a callable (done, total, row), got {type(on_window).__name__}")
+    extra = {} if on_window is None else {"on_window": on_window}   # TEMP until the engine takes it
+    return quantize_model(model, cfg, calibration, work_dir=work_dir, **extra)
 
 
 def save(model: nn.Module, directory: str, tokenizer=None) -> None:
