@@ -81,9 +81,35 @@ static PyObject *call_dlpack(PyObject *obj, const char *name) {
     return cap;
 }
 
+/* A producer may hand over any shape: more dimensions than anything real, or sizes whose product
+ * does not fit in int64 (signed overflow is undefined behaviour in C).  Count with checks. */
+#define SQ_MAX_NDIM 32
+
+static int view_count(const view *v, int64_t *numel) {
+    const SQ_DLTensor *t = v->t;
+    int64_t n = 1;
+    for (int d = 0; d < t->ndim; ++d) {
+        if (t->shape[d] < 0) {
+            PyErr_Format(PyExc_ValueError, "argument '%s' has a negative dimension", v->name);
+            return -1;
+        }
+        if (t->shape[d] == 0) n = 0;
+    }
+    for (int d = 0; n && d < t->ndim; ++d) {
+        if (__builtin_mul_overflow(n, t->shape[d], &n)) {
+            PyErr_Format(PyExc_ValueError, "argument '%s' has an impossible shape: its element count overflows 64 bits",
+                         v->name);
+            return -1;
+        }
+    }
+    *numel = n;
+    return 0;
+}
+
+/* (After view_count: with no zero dimension, every prefix product fits in int64.) */
 static int check_contiguous(const view *v) {
     const SQ_DLTensor *t = v->t;
-    if (!t->strides) return 1;
+    if (!t->strides || v->numel == 0) return 1;
     int64_t expected = 1;
     for (int d = t->ndim - 1; d >= 0; --d) {
         if (t->shape[d] != 1 && t->strides[d] != expected) return 0;
@@ -142,13 +168,19 @@ static int view_import(PyObject *obj, const char *name, int writable, view *v) {
                      (int)t->dtype.lanes);
         goto fail;
     }
-    v->numel = 1;
-    for (int d = 0; d < t->ndim; ++d) {
-        if (t->shape[d] < 0) {
-            PyErr_Format(PyExc_ValueError, "argument '%s' has a negative dimension", name);
-            goto fail;
-        }
-        v->numel *= t->shape[d];
+    if (t->ndim < 0 || t->ndim > SQ_MAX_NDIM) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' has %d dimensions; at most %d are supported", name,
+                     (int)t->ndim, SQ_MAX_NDIM);
+        goto fail;
+    }
+    if (t->ndim > 0 && !t->shape) {
+        PyErr_Format(PyExc_ValueError, "argument '%s': the DLPack tensor has no shape array", name);
+        goto fail;
+    }
+    if (view_count(v, &v->numel) < 0) goto fail;
+    if (v->numel > 0 && !t->data) {
+        PyErr_Format(PyExc_ValueError, "argument '%s': the DLPack tensor has a NULL data pointer", name);
+        goto fail;
     }
     if (!check_contiguous(v)) {
         PyErr_Format(PyExc_ValueError, "argument '%s' must be C-contiguous (call .contiguous())", name);
@@ -159,7 +191,10 @@ static int view_import(PyObject *obj, const char *name, int writable, view *v) {
         goto fail;
     }
     v->data = (char *)t->data + t->byte_offset;
-    v->nbytes = v->numel * ((t->dtype.bits + 7) / 8);
+    if (__builtin_mul_overflow(v->numel, (int64_t)((t->dtype.bits + 7) / 8), &v->nbytes)) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' is too large: its size in bytes overflows 64 bits", name);
+        goto fail;
+    }
     return 0;
 fail:
     view_release(v);
@@ -641,7 +676,8 @@ static PyObject *set_backend(PyObject *module, PyObject *name_obj) {
     } else if (strcmp(name, "auto") == 0) {
         t = sq_kernels_best();
     } else {
-        PyErr_Format(PyExc_ValueError, "unknown ISA '%s' (expected 'ref', 'avx2' or 'auto')", name);
+        PyErr_Format(PyExc_ValueError,
+                     "unknown ISA '%s' (expected 'ref', 'avx2' or 'auto'; SLIDERQUANT_ISA also accepts 'torch')", name);
         return NULL;
     }
     get_state(module)->kernels = t;
@@ -677,7 +713,8 @@ static int module_exec(PyObject *module) {
     module_state *st = get_state(module);
     st->kernels = sq_kernels_best();
     const char *isa = getenv("SLIDERQUANT_ISA");
-    if (isa && *isa) {
+    /* 'torch' tells sliderquant.ops not to call these kernels at all; the table stays the best one */
+    if (isa && *isa && strcmp(isa, "torch") != 0) {
         PyObject *name = PyUnicode_FromString(isa);
         if (!name) return -1;
         PyObject *r = set_backend(module, name);

@@ -87,6 +87,9 @@ static inline int sq_grid_make(float mx, float mn, const float *u, const float *
     g->sig_l = l ? sq_sigmoid(*l) : 1.0f;
     g->hi = u ? g->sig_u * mx : mx;
     g->lo = l ? g->sig_l * mn : mn;
+    /* A NaN logit makes hi or lo NaN.  Check them here: the symmetric scale takes fmaxf of the
+     * two, and fmaxf returns the other operand when one is NaN, so s_raw alone would miss it. */
+    if (!isfinite(g->hi) || !isfinite(g->lo)) return SQ_ERR_NONFINITE_PARAM;
     if (symmetric) {
         g->qmax = (float)((1 << (bits - 1)) - 1);
         g->qmin = -g->qmax - 1.0f;

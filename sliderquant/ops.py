@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .limits import check_bits, check_group_size
 from .reference import quantized_prefix, weight_qparams  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -184,12 +185,6 @@ _aq.register_autograd(_aq_backward, setup_context=_aq_setup)
 
 # ----------------------------------------------------------------------------- validation
 
-def _check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
-    return bits
-
-
 def _check_rate(quant_rate) -> float:
     rate = float(quant_rate)
     if not 0.0 <= rate <= 1.0:
@@ -228,7 +223,43 @@ def _param(t: Optional[Tensor], name: str, shape: tuple, ref: Tensor) -> Optiona
 
 def _check_finite(t: Tensor, what: str) -> None:
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{what} contains NaN or Inf; quantization needs finite values")
+        raise ValueError(f"{what} contains NaN or Inf; quantization needs finite values (check the model "
+                         "weights, the inputs and the learned channel scales / LoRA factors)")
+
+
+# The pure-torch path must refuse exactly what the C kernels refuse (sq_grid_make in csrc/sq_common.h):
+# a transformed weight or activation that is not finite, and a clipped range or scale that is not.
+# These checks run without autograd on values the reference recomputes; that costs one extra pass on
+# a path that is only the fallback (CUDA, no extension, SLIDERQUANT_ISA=torch).
+
+def _check_torch_weight(w, group_size, symmetric, lwc_upper, lwc_lower, channel_scale, lora_a, lora_b,
+                        lora_scaling) -> None:
+    with torch.no_grad():
+        out_f, in_f = w.shape
+        g = in_f if group_size is None else group_size
+        wt = reference.transformed_weight(w, channel_scale, lora_a, lora_b, lora_scaling)
+        _check_finite(wt, "the weight (W * channel_scale + LoRA)")
+        grouped = wt.reshape(out_f, in_f // g, g)
+        hi, lo = grouped.amax(dim=-1), grouped.amin(dim=-1)
+        if lwc_upper is not None:
+            hi = torch.sigmoid(lwc_upper) * hi
+        if lwc_lower is not None:
+            lo = torch.sigmoid(lwc_lower) * lo
+        # torch.maximum propagates NaN (unlike C's fmaxf), so the scale carries a NaN logit through
+        s_raw = torch.maximum(hi.abs(), lo.abs()) if symmetric else hi - lo
+        if not (bool(torch.isfinite(hi).all()) and bool(torch.isfinite(lo).all())
+                and bool(torch.isfinite(s_raw).all())):
+            raise ValueError("the quantization scale of the weight is NaN or Inf: the clipping logits "
+                             "(lwc_upper / lwc_lower) are not finite")
+
+
+def _check_torch_act(x, symmetric, channel_scale) -> None:
+    with torch.no_grad():
+        xt = x.float() if channel_scale is None else x.float() / channel_scale
+        _check_finite(xt, "the activation (x / channel_scale)")
+        hi, lo = xt.amax(dim=-1), xt.amin(dim=-1)
+        s_raw = torch.maximum(hi.abs(), lo.abs()) if symmetric else hi - lo
+        _check_finite(s_raw, "the range of the activation (max - min)")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -257,18 +288,12 @@ def fake_quant_weight(w: Tensor, bits: int, group_size: Optional[int] = None, sy
 
     Differentiable in ``w`` and every parameter (straight-through rounding, ALGORITHM.md section 3).
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     w = _check_data(w, "w", 2)
     if w.dim() != 2:
         raise ValueError(f"w must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
     out_f, in_f = w.shape
-    if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-            raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
-        if in_f % group_size:
-            raise ValueError(f"group_size {group_size} does not divide in_features {in_f}")
-        if group_size == in_f:
-            group_size = None
+    group_size = check_group_size(group_size, in_f)
     n_groups = 1 if group_size is None else in_f // group_size
     n_quant = quantized_prefix(in_f, _check_rate(quant_rate), group_size)
     if (lora_a is None) != (lora_b is None):
@@ -291,7 +316,8 @@ def fake_quant_weight(w: Tensor, bits: int, group_size: Optional[int] = None, sy
     elif out_dtype not in _DATA_DTYPES:
         raise TypeError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype!r}")
     if not _use_c(w):
-        _check_finite(w, "the weight")
+        _check_torch_weight(w, group_size, symmetric, lwc_upper, lwc_lower, channel_scale, lora_a, lora_b,
+                            lora_scaling)
         return reference.fake_quant_weight(w, bits, group_size, symmetric, lwc_upper, lwc_lower, channel_scale,
                                            lora_a, lora_b, lora_scaling, quant_rate).to(out_dtype)
     return _wq(w.contiguous(), channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, bits, group_size or 0,
@@ -305,12 +331,12 @@ def fake_quant_act(x: Tensor, bits: int, symmetric: bool = False, channel_scale:
     ``x`` is (..., d), float32 or bfloat16; only the first ``ceil(rate * d)`` channels are quantized.
     Differentiable in ``x`` and ``channel_scale`` (straight-through rounding).
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     x = _check_data(x, "x", 1)
     d = x.shape[-1]
     n_quant = quantized_prefix(d, _check_rate(quant_rate))
     channel_scale = _param(channel_scale, "channel_scale", (d,), x)
     if not _use_c(x):
-        _check_finite(x, "the activation")
+        _check_torch_act(x, symmetric, channel_scale)
         return reference.fake_quant_act(x, bits, symmetric, channel_scale, quant_rate)
     return _aq(x.contiguous(), channel_scale, bits, n_quant, bool(symmetric))
