@@ -125,18 +125,49 @@ def _tokens(model, tokenizer, source: str, nsamples: int, seqlen: int, seed: int
 
 def cmd_quantize(args) -> int:
     from . import api, data
+    from .methods import get_method
     cfg = _config(args)
+    method = get_method(cfg.method)
     log.info("config: %s", json.dumps(cfg.to_dict()))
     model, tokenizer = data.load_model(args.model, gguf_file=args.gguf_file)
     calib = None
-    if cfg.method != "rtn":
+    if method.needs_calibration:
         calib, _ = _tokens(model, tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, args.calib_seed)
     t0 = time.time()
     api.quantize(model, cfg, calib, work_dir=args.work_dir)
     log.info("%s done in %.1fs", cfg.method, time.time() - t0)
-    api.save(model, args.out, tokenizer=tokenizer)
+    try:
+        api.save(model, args.out, tokenizer=tokenizer)
+    except Exception as e:  # noqa: BLE001 - whatever broke the save, the calibrated result must survive
+        rescue = _rescue(model, args)
+        again = (f"; or rerun the same command: --work-dir {args.work_dir} resumes after its last window"
+                 if args.work_dir and method.trains_windows else "")
+        raise RuntimeError(
+            f"saving to {args.out} failed ({type(e).__name__}: {e}). The quantized result was kept in "
+            f"{rescue}: load the full-precision model again, call sliderquant.api.apply_codes(model, "
+            f"{rescue!r}) and then sliderquant.save(model, DIR){again}") from e
     log.info("saved to %s", args.out)
     return 0
+
+
+def _rescue(model, args) -> str:
+    """Write the codes and config of a quantized model somewhere that works; return where.
+
+    Tried in order: the work directory, beside ``--out``, the system's temporary directory."""
+    import tempfile
+
+    from . import api
+    places = [os.path.join(args.work_dir, "rescue")] if args.work_dir else []
+    places.append(os.path.normpath(args.out) + ".rescue")
+    for place in places:
+        try:
+            api.write_codes(model, place)
+            return place
+        except Exception as e:  # noqa: BLE001 - try the next place
+            log.warning("could not write the rescue codes to %s (%s)", place, e)
+    place = tempfile.mkdtemp(prefix="sliderquant-rescue-")
+    api.write_codes(model, place)
+    return place
 
 
 def cmd_eval(args) -> int:
