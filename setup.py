@@ -34,13 +34,21 @@ def _compiler_accepts(compiler_cmd, flags):
         return res.returncode == 0
 
 
+# SLIDERQUANT_SANITIZE=1 (tests/sanitize.sh, in its own build directory): AddressSanitizer and
+# UndefinedBehaviorSanitizer, every report fatal.  -fno-wrapv undoes CPython's -fwrapv, which would
+# otherwise define signed overflow and hide it from UBSan.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
+                  "-fno-wrapv", "-O1", "-g"]
+
+
 class BuildExt(build_ext):
     def build_extensions(self):
         cc = self.compiler.compiler_so[:1] if hasattr(self.compiler, "compiler_so") else [shutil.which("cc") or "cc"]
         use_omp = os.environ.get("SLIDERQUANT_NO_OPENMP", "") == "" and _compiler_accepts(cc, ["-fopenmp"])
+        sanitize = SANITIZE_FLAGS if os.environ.get("SLIDERQUANT_SANITIZE", "") == "1" else []
         for ext in self.extensions:
-            ext.extra_compile_args = BASE_FLAGS + (["-fopenmp"] if use_omp else [])
-            ext.extra_link_args = ["-fopenmp"] if use_omp else []
+            ext.extra_compile_args = BASE_FLAGS + (["-fopenmp"] if use_omp else []) + sanitize
+            ext.extra_link_args = (["-fopenmp"] if use_omp else []) + sanitize[:1]
         if not use_omp:
             print("sliderquant: OpenMP not available, building serial kernels", file=sys.stderr)
         super().build_extensions()

@@ -38,6 +38,10 @@ typedef struct {
 
 static void view_release(view *v) {
     if (v->managed) {
+        /* A producer's deleter may run Python code (numpy's drops a reference; a ctypes deleter is a
+         * Python function): it must not run with our pending exception set, nor lose it. */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
         if (v->versioned) {
             SQ_DLManagedTensorVersioned *m = (SQ_DLManagedTensorVersioned *)v->managed;
             if (m->deleter) m->deleter(m);
@@ -46,6 +50,7 @@ static void view_release(view *v) {
             if (m->deleter) m->deleter(m);
         }
         v->managed = NULL;
+        PyErr_Restore(type, value, tb);
     }
     Py_CLEAR(v->capsule);
 }
@@ -304,8 +309,13 @@ static int parse_int(PyObject *o, const char *name, long lo, long hi, long *out)
         PyErr_Format(PyExc_TypeError, "argument '%s' must be an int, got %s", name, Py_TYPE(o)->tp_name);
         return -1;
     }
-    long v = PyLong_AsLong(o);
+    int overflow = 0;
+    long v = PyLong_AsLongAndOverflow(o, &overflow);
     if (v == -1 && PyErr_Occurred()) return -1;
+    if (overflow) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' must lie in [%ld, %ld], got %R", name, lo, hi, o);
+        return -1;
+    }
     if (v < lo || v > hi) {
         PyErr_Format(PyExc_ValueError, "argument '%s' must lie in [%ld, %ld], got %ld", name, lo, hi, v);
         return -1;

