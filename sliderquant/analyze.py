@@ -1,6 +1,6 @@
 """Layer sensitivity: quantize one decoder layer at a time (RTN) and measure the error it causes.
 
-ALGORITHM.md section 1: the paper finds shallow and deep layers, above all the first and the last,
+docs/algorithm.md: the paper finds shallow and deep layers, above all the first and the last,
 more sensitive than the intermediate ones.  ``sliderquant analyze`` lets a user check that for
 their own model.  For every decoder layer ``i``, with every other layer in full precision:
 
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import models, ops
+from .limits import check_bits, check_group_size
 from .quantizer import layer_group_size
 
 log = logging.getLogger(__name__)
@@ -72,25 +73,8 @@ class SensitivityResult:
 
 
 def _check_bits(wbits) -> int:
-    if isinstance(wbits, bool) or not isinstance(wbits, int) or not 2 <= wbits <= 8:
-        raise ValueError(f"wbits must be an integer from 2 to 8, got {wbits!r}")
-    return wbits
-
-
-def _check_group_size(group_size):
-    if group_size is None:
-        return None
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(f"group_size must be a positive integer or None (per channel), got {group_size!r}")
-    return group_size
-
-
-def _final_norm(model: nn.Module) -> nn.Module:
-    base = getattr(model, "model", model)
-    norm = getattr(base, "norm", None)
-    if norm is None:
-        raise models.UnsupportedModelError(f"{type(model).__name__} has no model.norm (final norm)")
-    return norm
+    """``wbits`` checked by the project's one rule (``limits``), named as the CLI names it."""
+    return check_bits(wbits, "wbits")
 
 
 @torch.no_grad()
@@ -98,7 +82,7 @@ def _tail_logits(model: nn.Module, start: int, x: torch.Tensor, layer_kwargs: di
     """Logits of the model from the input ``x`` of decoder layer ``start`` on."""
     for layer in models.decoder_layers(model)[start:]:
         x = models.call_layer(layer, x, layer_kwargs)
-    return model.get_output_embeddings()(_final_norm(model)(x)).float()
+    return model.get_output_embeddings()(models.final_norm(model)(x)).float()
 
 
 def _nll_sum(logp: torch.Tensor, input_ids: torch.Tensor) -> float:
@@ -118,7 +102,7 @@ def layer_sensitivity(model: nn.Module, input_ids: torch.Tensor, wbits: int, gro
     2..8 or a bad group size.
     """
     wbits = _check_bits(wbits)
-    group_size = _check_group_size(group_size)
+    group_size = check_group_size(group_size)
     layers = models.decoder_layers(model)          # the family check (clear error) comes first
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be (N, T) with T >= 2, got shape {tuple(input_ids.shape)}")

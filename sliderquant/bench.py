@@ -158,13 +158,13 @@ def bench_kernels(reps: int = 10, dtype: torch.dtype = torch.float32, threads: i
 
 def _floor_epoch(block, x, target, layer_kwargs, batch_size, epochs, amp, gen):
     """Full-precision forward + backward (weight gradients included) of the window's mini-batches."""
-    from . import engine
+    from .methods.windows import window_losses
     params = [p for p in block.parameters()]
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
     try:
-        for loss in engine.window_losses(block, x, target, layer_kwargs, batch_size, epochs, amp, gen):
+        for loss in window_losses(block, x, target, layer_kwargs, batch_size, epochs, amp, gen):
             for p in params:
                 p.grad = None
             loss.backward()
@@ -212,8 +212,10 @@ def bench_calibrate(model_name: str = "smollm2-135m", nsamples: int = 6, seqlen:
     import contextlib
     import os
 
-    from . import data, engine, models
+    from . import data, models
     from .config import QuantConfig
+    from .methods import common
+    from .methods import windows as window_method   # "windows" is this function's argument
 
     torch.set_num_threads(threads)
     model, tokenizer = data.load_model(model_name)
@@ -228,14 +230,14 @@ def bench_calibrate(model_name: str = "smollm2-135m", nsamples: int = 6, seqlen:
     fp32 = contextlib.nullcontext()
     inputs = {}
     for a, b in windows:   # fp inputs and targets of each window (fp32), before any wrapping
-        x_in = engine.forward_layers(layers[:a], x0, layer_kwargs, fp32)
-        inputs[(a, b)] = (x_in, engine.forward_layers(layers[a:b + 1], x_in, layer_kwargs, fp32))
-    qlayers = engine.wrap_layers(model, cfg, lwc=True, lora_rank=cfg.lora_rank)
+        x_in = common.forward_layers(layers[:a], x0, layer_kwargs, fp32)
+        inputs[(a, b)] = (x_in, common.forward_layers(layers[a:b + 1], x_in, layer_kwargs, fp32))
+    qlayers = common.wrap_layers(model, cfg, lwc=True, lora_rank=cfg.lora_rank)
     rows = []
     for precision in precisions:
         cfg.autocast = precision
-        resolved = engine.resolve_autocast(cfg, device)
-        amp = engine._autocast(cfg, device)
+        resolved = window_method.resolve_autocast(cfg, device)
+        amp = window_method.autocast_context(cfg, device)
         for a, b in windows:
             x_in, target = inputs[(a, b)]
             block, qblock = layers[a:b + 1], qlayers[a:b + 1]
@@ -249,7 +251,7 @@ def bench_calibrate(model_name: str = "smollm2-135m", nsamples: int = 6, seqlen:
             def run(way):
                 gen = torch.Generator().manual_seed(0)
                 if way == "floor":
-                    with engine.teacher_mode(qblock):
+                    with common.teacher_mode(qblock):
                         _floor_epoch(block, x_in, target, layer_kwargs, batch_size, epochs, amp, gen)
                     return
                 reset()
@@ -257,7 +259,7 @@ def bench_calibrate(model_name: str = "smollm2-135m", nsamples: int = 6, seqlen:
                 if way == "torch":
                     os.environ["SLIDERQUANT_ISA"] = "torch"
                 try:
-                    engine._train_window(block, qblock, x_in, target, layer_kwargs, cfg, epochs, amp, gen)
+                    window_method.train_window(block, qblock, x_in, target, layer_kwargs, cfg, epochs, amp, gen)
                 finally:
                     if previous is None:
                         os.environ.pop("SLIDERQUANT_ISA", None)
@@ -345,7 +347,23 @@ def main(argv=None):
     c.add_argument("--reps", type=int, default=3)
     c.add_argument("--profile", action="store_true", help="also split one epoch of each way by op category")
     c.add_argument("--json", action="store_true")
+    t = sub.add_parser("threads", help="kernel and matmul loops, quiet vs loaded machine, per OpenMP wait policy")
+    t.add_argument("--calls", type=int, default=200)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--load", type=int, default=4, help="busy-loop processes in the loaded state")
+    t.add_argument("--load-seconds", type=float, default=120.0, help="upper bound on each busy loop's life")
+    t.add_argument("--reps", type=int, default=3)
+    t.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "threads":
+        from . import bench_threads
+        rows = bench_threads.bench_threads(args.calls, args.threads, args.load, args.reps, args.load_seconds)
+        if args.json:
+            json.dump(rows, sys.stdout, indent=1)
+            print()
+        else:
+            bench_threads.print_threads(rows)
+        return
     if args.command == "calibrate":
         windows = tuple(tuple(int(v) for v in w.split("-")) for w in args.windows.split(","))
         precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip())

@@ -1,4 +1,4 @@
-"""The quantization grid and its learnable parameters (ALGORITHM.md section 3).
+"""The quantization grid and its learnable parameters (docs/algorithm.md section 4).
 
 The math itself lives in ``ops`` (C kernels, with ``reference`` as the oracle); this module holds
 what is shared by every method: the shape of the LWC logits, the check that a group size fits a

@@ -1,4 +1,4 @@
-"""The quantizers of ALGORITHM.md section 3 in plain PyTorch, written to be read.
+"""The quantizers of docs/algorithm.md section 4 in plain PyTorch, written to be read.
 
 This module is the source of truth for the math and the oracle of the tests: the C kernels in
 ``csrc/`` compute exactly these functions (up to floating-point summation order), and their
@@ -42,21 +42,34 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def _grid(hi: torch.Tensor, lo: torch.Tensor, bits: int, symmetric: bool):
-    """Scale, zero point and code range of the clipping range ``[lo, hi]`` (symmetric: z = 0)."""
+def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """``(qmin, qmax)`` of the integer codes: ``[0, 2^b - 1]``, or ``[-2^(b-1), 2^(b-1) - 1]`` symmetric."""
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def minmax_grid(hi: torch.Tensor, lo: torch.Tensor, bits: int, symmetric: bool):
+    """``(scale, zero, qmin, qmax)`` of the grid spanning the clipping range ``[lo, hi]``.
+
+    The one min-max grid of the project: the fake quantizers here, GPTQ and (through ``ops``)
+    RTN use it; ``csrc/sq_common.h`` is its C twin, tested against it.  Asymmetric:
+    ``s = clamp((hi - lo) / (2^b - 1))``, ``z = round(-lo / s)``; symmetric:
+    ``s = clamp(max(|hi|, |lo|) / (2^(b-1) - 1))``, ``z = 0``.  The clamp keeps ``s`` finite and
+    non-zero for constant or huge rows.
+    """
+    qmin, qmax = code_range(bits, symmetric)
+    if symmetric:
         s = (torch.maximum(hi.abs(), lo.abs()) / qmax).clamp(SCALE_MIN, SCALE_MAX)
-        return s, torch.zeros_like(s), -(qmax + 1), qmax
-    qmax = 2 ** bits - 1
+        return s, torch.zeros_like(s), qmin, qmax
     s = ((hi - lo) / qmax).clamp(SCALE_MIN, SCALE_MAX)
-    return s, torch.round(-lo / s), 0, qmax
+    return s, torch.round(-lo / s), qmin, qmax
 
 
 def _fake_quant_rows(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, bits: int,
                      symmetric: bool) -> torch.Tensor:
     """Quantize-dequantize each row of ``x`` (..., n) with the clipping range ``[lo, hi]`` (..., 1)."""
-    s, z, qmin, qmax = _grid(hi, lo, bits, symmetric)
+    s, z, qmin, qmax = minmax_grid(hi, lo, bits, symmetric)
     q = torch.clamp(_round_ste(x / s) + z, qmin, qmax)
     return (q - z) * s
 
@@ -132,7 +145,7 @@ def weight_qparams(w, bits, group_size=None, symmetric=False, lwc_upper=None, lw
         out_f, in_f = w.shape
         _, grouped, hi, lo = _clipped_groups(w, group_size, lwc_upper, lwc_lower, channel_scale, lora_a, lora_b,
                                              lora_scaling)
-        s, z, qmin, qmax = _grid(hi, lo, bits, symmetric)
+        s, z, qmin, qmax = minmax_grid(hi, lo, bits, symmetric)
         q = torch.clamp(torch.round(grouped / s) + z, qmin, qmax)
         n_groups = grouped.shape[1]
         return (q.reshape(out_f, in_f).to(torch.int16), s.reshape(out_f, n_groups),

@@ -1,4 +1,4 @@
-"""The inter-layer window schedule of ALGORITHM.md section 4, as a pure function (no torch).
+"""The inter-layer window schedule of docs/algorithm.md section 2, as a pure function (no torch).
 
 A window is a tuple of consecutive decoder-layer indices.  ``sliding_windows`` builds the
 SliderQuant schedule: progressively expanded windows over the shallow layers (PESW), fixed-size

@@ -1,7 +1,9 @@
 """The engine on tiny random models of every family, checked against hand-written oracles."""
 
 import json
+import logging
 import os
+import re
 
 import pytest
 import torch
@@ -29,7 +31,7 @@ def fast(method="sliderquant", **kw):
 
 
 def minmax_fake_quant(w, bits, group_size=None):
-    """Oracle: asymmetric min-max quantize-dequantize, written out from ALGORITHM.md section 3."""
+    """Oracle: asymmetric min-max quantize-dequantize, written out from docs/algorithm.md section 4.2."""
     out_f, in_f = w.shape
     g = in_f if group_size is None else group_size
     wg = w.double().reshape(out_f, in_f // g, g)
@@ -69,8 +71,10 @@ def test_sliderquant_runs_and_lands_on_grid(family):
     # 3 layers: [0] [0,1] [1,2] [2] in each of the 2 stages
     assert [tuple(r["window"]) for r in table] == [(0,), (0, 1), (1, 2), (2,)] * 2
     assert [r["rate"] for r in table] == [0.5] * 4 + [1.0] * 4
+    # revert_worse_windows is off by default: what training reached is what is kept (whether the
+    # loss drops is checked on real weights, test_stories260k_w2_end_to_end)
     for r in table:
-        assert r["loss_after"] <= r["loss_before"] * (1 + 1e-6), r
+        assert not r["reverted"] and r["loss_after"] == r["loss_trained"], r
     # the model still works and returned logits are finite
     assert torch.isfinite(model(ids).logits).all()
 
@@ -188,7 +192,13 @@ def test_group_size_that_does_not_tile_falls_back_to_a_divisor():
 def test_stories260k_w2_end_to_end():
     """Real trained weights (stories260K, 5-layer Llama): W2A16 per-channel, calibrated on text
     sampled from the fp model (seed 1), evaluated on other sampled text (seed 2).  Measured with
-    this budget: FP 3.38, RTN 446, GPTQ 399, OmniQuant-mode 152, SliderQuant 40."""
+    this budget: FP 3.38, RTN 446, GPTQ 399, OmniQuant-mode 152, SliderQuant 40.
+
+    Training must lower every window's reconstruction loss (no window is reverted: the option is
+    off).  Measured drops: OmniQuant 25-47 % per window (mean 31 %), SliderQuant 6-39 % (mean 28 %;
+    the smallest are its last windows, [4], which retrain a layer just trained in [3, 4]).  Asserted
+    with about 2x headroom: at least 3 % per window and 15 % on average.  With learning rates 0 the
+    drops are 0 and this fails."""
     import copy
 
     from conftest import require_asset
@@ -204,6 +214,10 @@ def test_stories260k_w2_end_to_end():
         sliderquant.quantize(model, fast(method, epochs=20, batch_size=3, nsamples=24, seqlen=64),
                              calib)
         ppl[method] = perplexity(model, held_out, 256, progress=False)
+        if method in ("omniquant", "sliderquant"):
+            drops = [1 - r["loss_after"] / r["loss_before"] for r in model.sliderquant_table]
+            assert min(drops) > 0.03 and sum(drops) / len(drops) > 0.15, (method, drops)
+            assert not any(r["reverted"] for r in model.sliderquant_table)
     assert ppl["fp"] < ppl["sliderquant"] < ppl["omniquant"] < ppl["rtn"], ppl
     assert ppl["sliderquant"] < ppl["gptq"] < ppl["rtn"], ppl
 
@@ -273,3 +287,131 @@ def test_quant_linear_under_bf16_autocast_matches_unfused():
     y_ref.float().square().sum().backward()
     for n, p in params.items():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-3, atol=1e-6, msg=n)
+
+
+def test_revert_worse_windows_keeps_the_starting_parameters():
+    """Learning rates 1000x too large make a window's loss rise.  Off (the default), the rise is
+    kept.  With ``revert_worse_windows`` every window rises from the same good start and is
+    reverted, so the model must be bitwise the one that learned nothing (epochs 0: the same seeded
+    LoRA start, the same clipping logits)."""
+    wild = dict(wbits=3, lwc_lr=10.0, lora_lr=10.0)
+    kept = tiny_model("llama")
+    sliderquant.quantize(kept, fast(**wild), token_ids())
+    rows = kept.sliderquant_table
+    assert rows[0]["loss_after"] > rows[0]["loss_before"], rows[0]
+    assert all(r["loss_after"] == r["loss_trained"] and not r["reverted"] for r in rows), rows
+
+    reverted = tiny_model("llama")
+    sliderquant.quantize(reverted, fast(**wild, revert_worse_windows=True), token_ids())
+    rows = reverted.sliderquant_table
+    assert all(r["reverted"] and r["loss_after"] == r["loss_before"] < r["loss_trained"] for r in rows), rows
+    untrained = tiny_model("llama")
+    sliderquant.quantize(untrained, fast(**wild, epochs=0), token_ids())
+    a, b, c = (m.state_dict() for m in (reverted, untrained, kept))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)      # the comparison is not vacuous
+
+
+def test_on_window_is_called_after_each_saved_window(tmp_path):
+    from sliderquant.checkpoint import read_state
+    from sliderquant.engine import quantize_model
+    calls = []
+
+    def on_window(done, total, row):
+        state = read_state(str(tmp_path / "state.pt"))
+        calls.append((done, total, row, state["done"], state["table"][-1]))
+
+    model = tiny_model("llama")
+    quantize_model(model, fast(), token_ids(), work_dir=str(tmp_path), on_window=on_window)
+    assert [c[:2] for c in calls] == [(k, 8) for k in range(1, 9)]
+    assert [c[2] for c in calls] == model.sliderquant_table
+    assert all(c[3] == c[0] and c[4] == c[2] for c in calls)      # the work dir already held the window
+
+
+def test_progress_lines_when_output_is_not_a_terminal(monkeypatch, caplog):
+    from sliderquant import progress
+    monkeypatch.setattr(progress, "_interactive", lambda: False)
+    caplog.set_level(logging.INFO, logger="sliderquant.progress")
+    sliderquant.quantize(tiny_model("llama"), fast(), token_ids())
+    lines = [r.getMessage() for r in caplog.records if r.name == "sliderquant.progress"]
+    assert len(lines) == 8, lines
+    assert lines[0].startswith("sliderquant: window 1/8 done (stage 0, window 0-0, loss ")
+    assert lines[-1].startswith("sliderquant: window 8/8 done (stage 1, window 2-2, loss ")
+    assert all(re.search(r"elapsed \d+s, ETA \d+s$", line) for line in lines), lines
+    assert lines[-1].endswith("ETA 0s")
+
+    caplog.clear()
+    sliderquant.quantize(tiny_model("qwen3"), fast("gptq", wbits=3), token_ids())
+    lines = [r.getMessage() for r in caplog.records if r.name == "sliderquant.progress"]
+    assert [line.split(" (")[0] for line in lines] == [f"gptq: layer {i}/3 done" for i in (1, 2, 3)]
+
+    # on a terminal: a bar, no log lines
+    monkeypatch.setattr(progress, "_interactive", lambda: True)
+    caplog.clear()
+    sliderquant.quantize(tiny_model("llama"), fast("omniquant"), token_ids())
+    assert not [r for r in caplog.records if r.name == "sliderquant.progress"]
+
+
+def test_progress_eta_counts_only_the_steps_run_here(monkeypatch, caplog):
+    from sliderquant import progress
+    monkeypatch.setattr(progress, "_interactive", lambda: False)
+    clock = iter([100.0, 130.0])            # start, then 30 s for the first step run here
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    caplog.set_level(logging.INFO, logger="sliderquant.progress")
+    p = progress.Progress(10, "sliderquant", unit="window", initial=6)    # resumed after 6 of 10
+    p.update(loss=0.5)
+    assert caplog.records[-1].getMessage() == \
+        "sliderquant: window 7/10 done (loss 0.5), elapsed 30s, ETA 1m30s"
+    assert [progress.format_seconds(s) for s in (0, 59.4, 61, 3599, 3720)] == ["0s", "59s", "1m01s",
+                                                                               "59m59s", "1h02m"]
+
+
+def test_method_registry_facts():
+    from sliderquant.engine import plan
+    from sliderquant.methods import METHODS, get_method
+    assert set(METHODS) == {"rtn", "gptq", "omniquant", "sliderquant"}
+    assert [m for m in METHODS if not METHODS[m].needs_calibration] == ["rtn"]
+    assert plan(QuantConfig(method="omniquant", epochs=6), 3) == ([(0,), (1,), (2,)], [1.0], 0, 6)
+    assert plan(QuantConfig(epochs=6), 3) == ([(0,), (0, 1), (1, 2), (2,)], [0.5, 1.0], 4, 3)
+    for name in ("rtn", "gptq"):
+        with pytest.raises(ValueError, match="does not train over windows"):
+            plan(QuantConfig(method=name), 3)
+    with pytest.raises(ValueError, match="method must be one of"):
+        get_method("awq")
+
+
+# the layering of the package: a module may import only modules below it (or the ground floor)
+_LAYERS = ["cli", "api", "engine", "methods", "models", "layers", "quantizer", "ops", "reference"]
+_GROUND = {"config", "schedule", "data", "checkpoint", "limits", "progress", "assets", "_C"}
+
+
+def _imports_of(path):
+    import ast
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = (node.module or "").split(".")[0]
+            inside_methods = path.parent.name == "methods"
+            if node.level == 1 and inside_methods:
+                base = "methods"                      # a sibling inside methods/
+            names.update([base] if base else [a.name for a in node.names])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sliderquant."):
+            names.add(node.module.split(".")[1])
+    return names
+
+
+@pytest.mark.parametrize("module", ["engine", "methods/__init__", "methods/common", "methods/rtn",
+                                    "methods/gptq", "methods/windows", "models", "layers", "quantizer",
+                                    "reference", "progress"])
+def test_imports_only_point_down(module):
+    import pathlib
+    path = pathlib.Path(sliderquant.__file__).parent / f"{module}.py"
+    level = "progress" if module == "progress" else module.split("/")[0]
+    allowed = _GROUND | ({"methods"} if level == "methods" else set())
+    if level in _LAYERS:
+        allowed |= set(_LAYERS[_LAYERS.index(level) + 1:])
+    else:
+        allowed = set()                              # the ground floor imports nothing of ours
+    bad = _imports_of(path) - allowed
+    assert not bad, f"{module} imports {sorted(bad)}"

@@ -83,7 +83,9 @@ def test_dead_columns_and_block_sizes():
         torch.testing.assert_close(w_hat, results[0][0], rtol=0, atol=0.01)
 
 
-@pytest.mark.parametrize("kwargs", [dict(bits=0), dict(bits=17), dict(bits=2.5), dict(bits=1, symmetric=True),
+# bits 1 and 9..16 were accepted before GPTQ used the project's one range (limits.check_bits, 2..8)
+@pytest.mark.parametrize("kwargs", [dict(bits=0), dict(bits=1), dict(bits=9), dict(bits=16), dict(bits=17),
+                                    dict(bits=2.5), dict(bits=True), dict(bits=1, symmetric=True),
                                     dict(bits=4, group_size=12), dict(bits=4, group_size=0),
                                     dict(bits=4, block_size=0), dict(bits=4, damp=-1.0)])
 def test_invalid_arguments_raise(kwargs):

@@ -4,7 +4,7 @@ from sliderquant.schedule import explicit_windows, single_layer_windows, sliding
 
 
 def test_thirty_layers_matches_algorithm_md():
-    # ALGORITHM.md section 4, written out by hand.
+    # docs/algorithm.md section 2, written out by hand.
     expected = [(0,), (0, 1), (0, 1, 2), (0, 1, 2, 3)]
     expected += [(a, a + 1) for a in range(3, 26)]
     expected += [(26, 27, 28, 29), (27, 28, 29), (28, 29), (29,)]

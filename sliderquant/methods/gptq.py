@@ -13,7 +13,7 @@ Hessian: with ``U`` the upper Cholesky factor of ``H^-1``,
 * Dampening: ``damp * mean(diag H)`` is added to the diagonal (multiplied by 10 and retried, with
   a warning, if the Cholesky factorization still fails).
 * Dead columns (``H_jj == 0``: the input is always zero) get ``H_jj = 1`` and weight 0.
-* Grid: the min-max quantizer of ``sliderquant.reference`` without clipping (asymmetric
+* Grid: ``reference.minmax_grid``, the min-max grid of every method, without clipping (asymmetric
   ``s = clamp((max - min) / (2^b - 1), 1e-5, 1e4)``, ``z = round(-min / s)``; symmetric
   ``s = max(|max|, |min|) / (2^(b-1) - 1)``, ``z = 0``).  Per channel, the parameters come from
   the whole original row; grouped without activation order, from the group's current (updated)
@@ -25,37 +25,38 @@ Hessian: with ``U`` the upper Cholesky factor of ``H^-1``,
   reference's default of computing parameters on permuted columns.
 
 ``w_hat == (q - zero) * scale`` per group, in the original column order.
+
+``run_gptq`` (at the end of this file) is the driver that feeds the solver a real model, layer by
+layer; the registry in ``sliderquant.methods`` points to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 
-from ..reference import SCALE_MAX, SCALE_MIN
+from .. import models
+from ..limits import check_bits, check_group_size
+from ..progress import Progress
+from ..reference import code_range, minmax_grid
+from .common import attach_state, fp32_layer_inputs, forward_layers, teacher_mode, wrap_layers
 
 log = logging.getLogger(__name__)
 
 
 def minmax_qparams(w: torch.Tensor, bits: int, symmetric: bool):
     """``(scale, zero)`` of shape (rows, 1) of the min-max grid of each row of ``w`` (float32)."""
-    hi = w.amax(dim=1, keepdim=True)
-    lo = w.amin(dim=1, keepdim=True)
-    if symmetric:
-        s = (torch.maximum(hi.abs(), lo.abs()) / (2 ** (bits - 1) - 1)).clamp(SCALE_MIN, SCALE_MAX)
-        return s, torch.zeros_like(s)
-    s = ((hi - lo) / (2 ** bits - 1)).clamp(SCALE_MIN, SCALE_MAX)
-    return s, torch.round(-lo / s)
+    s, z, _, _ = minmax_grid(w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True), bits, symmetric)
+    return s, z
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                    symmetric: bool) -> torch.Tensor:
     """Integer codes (as float) of ``w`` on the grid ``(scale, zero)``, broadcast per row."""
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        return torch.clamp(torch.round(w / scale), -(qmax + 1), qmax)
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
+    qmin, qmax = code_range(bits, symmetric)
+    return torch.clamp(torch.round(w / scale) + zero, qmin, qmax)
 
 
 class GPTQ:
@@ -157,13 +158,43 @@ class GPTQ:
         return w_hat.to(self.weight.dtype), q_int, scale, zero
 
     def _check(self, bits, group_size, symmetric, damp, block_size):
-        if not isinstance(bits, int) or isinstance(bits, bool) or not (2 if symmetric else 1) <= bits <= 16:
-            raise ValueError(f"bits must be an integer in [{2 if symmetric else 1}, 16], got {bits!r}")
-        if group_size is not None and (not isinstance(group_size, int) or group_size < 1
-                                       or self.columns % group_size != 0):
-            raise ValueError(f"group_size must be a positive divisor of the {self.columns} input "
-                             f"columns (or None for per channel), got {group_size!r}")
+        check_bits(bits)
+        check_group_size(group_size, self.columns)
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         if not damp >= 0:
             raise ValueError(f"damp must be non-negative, got {damp!r}")
+
+
+# ---- the driver -----------------------------------------------------------------------------------
+def run_gptq(model, cfg, calibration, work_dir=None, on_window=None):
+    """GPTQ layer by layer: the Hessian of each linear's input comes from the inputs the
+    already-quantized layers produce (all linears of a layer see the same pass, so q/k/v and
+    gate/up, which read the same tensor, get the same Hessian).  ``work_dir`` and ``on_window``
+    are accepted for the registry's common signature; GPTQ has no windows to checkpoint."""
+    layers = models.decoder_layers(model)
+    with fp32_layer_inputs(model, calibration) as (x, layer_kwargs):
+        qlayers = wrap_layers(model, cfg, lwc=False, lora_rank=0)
+        fp32 = contextlib.nullcontext()
+        progress = Progress(len(layers), "gptq", unit="layer")
+        for i in range(len(layers)):
+            solvers, hooks = {}, []
+            for name, q in qlayers[i].items():
+                solvers[name] = solver = GPTQ(q.weight)
+                hooks.append(q.register_forward_hook(
+                    lambda m, inp, out, s=solver: s.add_batch(inp[0].reshape(-1, inp[0].shape[-1]))))
+            with teacher_mode(qlayers[i:i + 1]):
+                forward_layers(layers[i:i + 1], x, layer_kwargs, fp32)
+            for h in hooks:
+                h.remove()
+            for name, q in qlayers[i].items():
+                w_hat, codes, scale, zero = solvers[name].quantize(
+                    cfg.wbits, q.group_size, cfg.symmetric, damp=cfg.gptq_damp,
+                    act_order=cfg.gptq_act_order, block_size=cfg.gptq_block_size)
+                q.set_quantized(codes, scale, zero, w_hat=w_hat)
+            del solvers
+            x = forward_layers(layers[i:i + 1], x, layer_kwargs, fp32)
+            progress.update(layer=i)
+        progress.close()
+        attach_state(model, cfg)        # before the cast back: codes and fp32 scales stay exact
+    return model

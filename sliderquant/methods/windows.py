@@ -1,0 +1,285 @@
+"""Block reconstruction over windows of decoder layers: SliderQuant and OmniQuant (docs/algorithm.md).
+
+For every stage (quant ratio) and every window of the schedule: the teacher (the same layers with
+quantization switched off) maps the fp inputs ``X_fp`` to targets ``Y``; the student (fake-quantized
+layers) maps the quantized-model inputs ``X_q``; AdamW minimises their MSE over the learnable
+quantization parameters.  The inputs advance when a window's first layer moves; every stage
+restarts from the captured layer-0 inputs.  At the end the parameters are folded into the weights.
+The two methods differ only in their plan (``sliderquant_plan``, ``omniquant_plan``), which the
+registry in ``sliderquant.methods`` names; ``run_windows`` is their common entry point.
+
+Determinism (what makes resume exact): no global RNG is used; mini-batch order comes from a
+generator seeded by (seed, stage, window), LoRA factors from one seeded by (seed, layer, linear),
+and the inputs of a window are recomputed from layer 0 with the same chunking on resume.
+
+``revert_worse_windows`` (off by default; not in the method or the authors' code): a window whose
+training ends above its starting loss gets back the parameters it started with.  Every table row
+records ``reverted`` and the loss training reached (``loss_trained``); ``loss_after`` is the loss of
+the parameters kept.
+
+Precision: ``autocast: auto`` means bf16 autocast with fp32 master parameters (the authors'
+setting) on CUDA and on CPUs that multiply bf16 natively (AMX-BF16 or AVX512-BF16, see
+``ops.native_bf16``), and plain fp32 on other CPUs, where bf16 matmuls are emulated and were measured
+about 10x slower.  On this project's Sapphire Rapids machine a SmolLM2 window trains about 2x faster
+in bf16 (``python -m sliderquant.bench calibrate``).  Under autocast the fake-quantized weights are
+produced in bf16 directly by the kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import models
+from ..checkpoint import WorkDir, fingerprint
+from ..progress import Progress
+from ..schedule import Window, explicit_windows, format_windows, single_layer_windows, sliding_windows
+from .common import attach_state, fp32_layer_inputs, forward_layers, teacher_mode, wrap_layers
+
+log = logging.getLogger(__name__)
+
+
+# ---- plans ----------------------------------------------------------------------------------------
+class WindowPlan(NamedTuple):
+    windows: list[Window]
+    rates: list[float]          # one stage per quant ratio
+    lora_rank: int
+    epochs: int                 # per window and stage
+
+
+def sliderquant_plan(cfg, num_layers: int) -> WindowPlan:
+    """The sliding windows (or the config's explicit ones), its stages, LoRA and epochs per stage."""
+    if cfg.windows is not None:
+        windows = explicit_windows(cfg.windows, num_layers)
+    else:
+        windows = sliding_windows(num_layers, cfg.shallow_layers, cfg.deep_layers, cfg.window_size,
+                                  cfg.stride)
+    return WindowPlan(windows, cfg.quant_rates, cfg.lora_rank, cfg.stage_epochs())
+
+
+def omniquant_plan(cfg, num_layers: int) -> WindowPlan:
+    """One window per layer, one stage quantizing everything, LWC only, all the epochs."""
+    return WindowPlan(single_layer_windows(num_layers), [1.0], 0, cfg.epochs)
+
+
+class Step(NamedTuple):
+    stage: int
+    rate: float
+    index: int                  # of the window in the plan (seeds the mini-batch order)
+    window: Window
+
+
+# ---- precision ------------------------------------------------------------------------------------
+def resolve_autocast(cfg, device: torch.device) -> str:
+    """``'bf16'`` or ``'fp32'``: the precision the windows train in (``autocast: auto`` decides by device)."""
+    if cfg.autocast != "auto":
+        return cfg.autocast
+    if device.type == "cuda":
+        return "bf16"
+    if device.type == "cpu":
+        from .. import ops
+        return "bf16" if ops.native_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast_context(cfg, device: torch.device):
+    """The autocast context the windows train and run in (a no-op for fp32)."""
+    if resolve_autocast(cfg, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---- the entry point ------------------------------------------------------------------------------
+def run_windows(model, cfg, calibration, work_dir=None, on_window=None):
+    """Quantize ``model`` in place with the windows method ``cfg.method``.
+
+    ``work_dir``: save the learned state after each window and continue after the last saved one.
+    ``on_window(done, total, row)`` is called after each window, once its state is saved.
+    """
+    from . import get_method
+    layers = models.decoder_layers(model)
+    plan = get_method(cfg.method).window_plan(cfg, len(layers))
+    with fp32_layer_inputs(model, calibration) as (x0, layer_kwargs):
+        precision = resolve_autocast(cfg, x0.device)
+        work = None
+        if work_dir is not None:
+            # the resolved precision too: 'auto' may mean bf16 on one machine, fp32 on another
+            work = WorkDir(work_dir, fingerprint(cfg.fingerprint(), calibration,
+                                                 extra=model.config.to_json_string() + precision))
+        run = WindowRun(model, cfg, plan, x0, layer_kwargs, work)
+        log.info("%s: %d windows x %d stages, %d epochs per window and stage, %s training: %s", cfg.method,
+                 len(plan.windows), len(plan.rates), plan.epochs, precision, format_windows(plan.windows))
+        run.resume()
+        progress = Progress(len(run.steps), cfg.method, unit="window", initial=run.done)
+        for step in run.steps[run.done:]:
+            run.advance_inputs(step)
+            row = run.reconstruct(step)
+            run.checkpoint()
+            progress.update(stage=step.stage, window=f"{step.window[0]}-{step.window[-1]}",
+                            loss=row["loss_after"])
+            if on_window is not None:
+                on_window(run.done, len(run.steps), row)
+        progress.close()
+        run.finish()
+        attach_state(model, cfg)        # before the cast back: codes and fp32 scales stay exact
+    return model
+
+
+class WindowRun:
+    """The state of one run over the plan's (stage, window) steps, advanced one step at a time."""
+
+    def __init__(self, model, cfg, plan: WindowPlan, x0, layer_kwargs, work: WorkDir | None):
+        self.model, self.cfg, self.plan, self.work = model, cfg, plan, work
+        self.layers = models.decoder_layers(model)
+        self.qlayers = wrap_layers(model, cfg, lwc=True, lora_rank=plan.lora_rank,
+                                   channel_scale=cfg.scale_lr > 0)
+        self.x0, self.layer_kwargs = x0, layer_kwargs
+        self.amp = autocast_context(cfg, x0.device)
+        self.steps = [Step(s, rate, k, w) for s, rate in enumerate(plan.rates)
+                      for k, w in enumerate(plan.windows)]
+        self.done, self.table = 0, []
+        # inputs of layer ``pos`` in the current stage: fp model (teacher) and quantized model
+        self.stage, self.pos, self.x_fp, self.x_q = None, 0, x0, x0
+
+    def resume(self) -> None:
+        """Load the learned state of the completed steps from the work directory, if any."""
+        if self.work is None:
+            return
+        state = self.work.load(total=len(self.steps), like=_learned(self.qlayers))
+        if state is None:
+            return
+        self.done, self.table = state["done"], list(state["table"])
+        _load_learned(self.qlayers, state["learned"])
+        log.info("resuming from %s after %d of %d windows", self.work.path, self.done, len(self.steps))
+
+    def advance_inputs(self, step: Step) -> None:
+        """Bring both inputs to the window's first layer; a new stage restarts from layer 0 (so
+        does the first step after a resume: inputs are recomputed, never stored)."""
+        if step.stage != self.stage:
+            self.stage, self.pos, self.x_fp, self.x_q = step.stage, 0, self.x0, self.x0
+            for d in self.qlayers:
+                for q in d.values():
+                    q.quant_rate = step.rate
+        a = step.window[0]
+        if a > self.pos:
+            skipped = self.layers[self.pos:a]
+            with teacher_mode(self.qlayers):
+                self.x_fp = forward_layers(skipped, self.x_fp, self.layer_kwargs, self.amp)
+            self.x_q = forward_layers(skipped, self.x_q, self.layer_kwargs, self.amp)
+            self.pos = a
+
+    def reconstruct(self, step: Step) -> dict:
+        """Train the window's parameters on the MSE to the teacher's output; returns its table row."""
+        a, b = step.window[0], step.window[-1]
+        block, qblock = self.layers[a:b + 1], self.qlayers[a:b + 1]
+        with teacher_mode(qblock):
+            target = forward_layers(block, self.x_fp, self.layer_kwargs, self.amp)
+        t0 = time.time()
+        before = window_mse(block, self.x_q, target, self.layer_kwargs, self.amp)
+        snapshot = _learned(qblock) if self.cfg.revert_worse_windows else None
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + step.stage * 104_729 + step.index)
+        train_window(block, qblock, self.x_q, target, self.layer_kwargs, self.cfg, self.plan.epochs,
+                     self.amp, gen)
+        trained = after = window_mse(block, self.x_q, target, self.layer_kwargs, self.amp)
+        reverted = snapshot is not None and trained > before
+        if reverted:
+            _load_learned(qblock, snapshot)
+            after = before
+            log.info("window %d-%d stage %d: loss rose %.5g -> %.5g, parameters reverted "
+                     "(revert_worse_windows)", a, b, step.stage, before, trained)
+        row = {"stage": step.stage, "rate": step.rate, "window": list(step.window), "loss_before": before,
+               "loss_trained": trained, "loss_after": after, "reverted": reverted,
+               "seconds": time.time() - t0}
+        self.table.append(row)
+        self.done += 1
+        return row
+
+    def checkpoint(self) -> None:
+        if self.work is not None:
+            self.work.save(self.done, _learned(self.qlayers), self.table, total=len(self.steps))
+
+    def finish(self) -> None:
+        """Log the table, keep it on the model, fold every learned parameter into the weights."""
+        _log_table(self.table)
+        self.model.sliderquant_table = self.table
+        for d in self.qlayers:
+            for q in d.values():
+                q.quant_rate = 1.0
+                q.finalize()
+
+
+# ---- one window's optimisation --------------------------------------------------------------------
+def train_window(block, qlayers, x_q, target, layer_kwargs, cfg, epochs, amp, gen) -> None:
+    """AdamW over the window's learnable parameters, learning rate decaying linearly to 0."""
+    lrs = cfg.optimizer_lrs()
+    groups: dict[str, list] = {"lwc": [], "lora": [], "scale": []}
+    for d in qlayers:
+        for q in d.values():
+            for key, params in q.param_groups().items():
+                groups[key] += params
+    param_groups = [{"params": ps, "lr": lrs[key], "weight_decay": 0.0}
+                    for key, ps in groups.items() if ps and lrs[key] > 0]
+    if not param_groups or epochs == 0:
+        return
+    bs = cfg.batch_size
+    total = epochs * math.ceil(x_q.shape[0] / bs)
+    opt = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / total))
+    for loss in window_losses(block, x_q, target, layer_kwargs, bs, epochs, amp, gen):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def window_losses(block, x, target, layer_kwargs, batch_size, epochs, amp, gen):
+    """The reconstruction loss of each mini-batch, epoch after epoch, in the order ``gen`` draws
+    (one ``randperm`` per epoch); the caller runs backward and steps."""
+    n = x.shape[0]
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            h = x[idx]
+            with amp:
+                for layer in block:
+                    h = models.call_layer(layer, h, layer_kwargs)
+            yield F.mse_loss(h.float(), target[idx])
+
+
+def window_mse(block, x, target, layer_kwargs, amp) -> float:
+    """The reconstruction loss of the whole window on all samples (no gradient)."""
+    out = forward_layers(block, x, layer_kwargs, amp)
+    return F.mse_loss(out, target).item()
+
+
+
+def _learned(qlayers) -> dict:
+    return {f"{i}.{name}": q.learned_state() for i, d in enumerate(qlayers) for name, q in d.items()}
+
+
+def _load_learned(qlayers, learned: dict) -> None:
+    for i, d in enumerate(qlayers):
+        for name, q in d.items():
+            q.load_learned_state(learned[f"{i}.{name}"])
+
+
+def _log_table(table) -> None:
+    log.info("%-6s %-5s %-10s %12s %12s %8s", "stage", "rate", "layers", "loss before",
+             "loss after", "seconds")
+    for r in table:
+        w = r["window"]
+        log.info("%-6d %-5.2f %-10s %12.5g %12.5g %8.2f%s", r["stage"], r["rate"],
+                 f"{w[0]}-{w[-1]}", r["loss_before"], r["loss_after"], r["seconds"],
+                 "  reverted" if r.get("reverted") else "")
+    rose = sum(r.get("loss_trained", r["loss_after"]) > r["loss_before"] for r in table)
+    reverted = sum(r.get("reverted", False) for r in table)
+    if rose:
+        log.info("%d of %d windows ended training above their starting loss; %d reverted "
+                 "(revert_worse_windows)", rose, len(table), reverted)
