@@ -1,0 +1,122 @@
+/*
+ * packed_avx2.c: sq_pk_matmul_ref with AVX2/FMA.  A row block is two halves of 8 rows (one ymm
+ * each); each field is one AND (or shift) and one convert feeding one FMA per token of the token
+ * block (up to 4 tokens share each unpacked field).  Same products and order as the reference.
+ */
+#pragma GCC target("avx2,fma")
+#include <immintrin.h>
+
+#include "sq_common.h"
+#include "sq_packed.h"
+
+#define TB_MAX 4
+#define HALF 8
+#define SQ_INLINE static inline __attribute__((always_inline))
+
+SQ_INLINE void word_fma256(__m256i v, const int fbits, const int cpw, const float *xs, int64_t xstride, const int tb,
+                           __m256 *acc) {
+#pragma GCC unroll 32
+    for (int c = 0; c < cpw; ++c) {
+        const __m256i f = c == cpw - 1 ? _mm256_srli_epi32(v, fbits * c)
+                                       : _mm256_and_si256(v, _mm256_set1_epi32((int)(((1u << fbits) - 1u) << (fbits * c))));
+        const __m256 fv = _mm256_cvtepi32_ps(f);
+#pragma GCC unroll 4
+        for (int t = 0; t < tb; ++t) acc[t] = _mm256_fmadd_ps(fv, _mm256_broadcast_ss(xs + t * xstride + c), acc[t]);
+    }
+}
+
+#define LOADW(p) _mm256_loadu_si256((const __m256i *)(p))
+
+/* 8 rows (half h of a row block) times tb tokens into out[t][16] + 8h */
+SQ_INLINE void half_block256(const int bits, const int tb, const uint32_t *qrb, const float *smrb, int64_t G,
+                             int64_t upg, const float *xs, int64_t xstride, const float *xsum, float *out) {
+    __m256 total[TB_MAX], acc[TB_MAX];
+    for (int t = 0; t < tb; ++t) total[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        for (int t = 0; t < tb; ++t) acc[t] = _mm256_setzero_ps();
+        for (int64_t u = g * upg; u < (g + 1) * upg; ++u) {
+            const uint32_t *w = qrb + u * bits * SQ_PK_ROWS;
+            if (bits == 3) {
+                const float *xu = xs + u * 64;
+                word_fma256(LOADW(w), 2, 16, xu, xstride, tb, acc);
+                word_fma256(LOADW(w + SQ_PK_ROWS), 2, 16, xu + 16, xstride, tb, acc);
+                word_fma256(LOADW(w + 2 * SQ_PK_ROWS), 1, 32, xu + 32, xstride, tb, acc);
+            } else {
+                const int cpw = 32 / bits;
+                const float *xu = xs + u * SQ_PK_UNIT;
+                for (int j = 0; j < bits; ++j)
+                    word_fma256(LOADW(w + j * SQ_PK_ROWS), bits, cpw, xu + j * cpw, xstride, tb, acc);
+            }
+        }
+        const __m256 s = _mm256_loadu_ps(smrb + g * 2 * SQ_PK_ROWS);
+        const __m256 m = _mm256_loadu_ps(smrb + g * 2 * SQ_PK_ROWS + SQ_PK_ROWS);
+        for (int t = 0; t < tb; ++t) {
+            total[t] = _mm256_fmadd_ps(acc[t], s, total[t]);
+            total[t] = _mm256_fmadd_ps(m, _mm256_broadcast_ss(xsum + t * G + g), total[t]);
+        }
+    }
+    for (int t = 0; t < tb; ++t) _mm256_storeu_ps(out + t * SQ_PK_ROWS, total[t]);
+}
+
+typedef void (*half_fn)(const uint32_t *, const float *, int64_t, int64_t, const float *, int64_t, const float *,
+                        float *);
+
+#define DEF_HB(B, TB)                                                                                              \
+    static void hb256_##B##_##TB(const uint32_t *q, const float *sm, int64_t G, int64_t upg, const float *xs,        \
+                                 int64_t xstride, const float *xsum, float *out) {                                  \
+        half_block256(B, TB, q, sm, G, upg, xs, xstride, xsum, out);                                                \
+    }
+#define DEF_BITS(B) DEF_HB(B, 1) DEF_HB(B, 2) DEF_HB(B, 3) DEF_HB(B, 4)
+DEF_BITS(2)
+DEF_BITS(3)
+DEF_BITS(4)
+DEF_BITS(8)
+#define HALF_FNS(B) {hb256_##B##_1, hb256_##B##_2, hb256_##B##_3, hb256_##B##_4}
+static const half_fn fns[4][TB_MAX] = {HALF_FNS(2), HALF_FNS(3), HALF_FNS(4), HALF_FNS(8)};
+
+static void store_rows(void *y, sq_dtype dt, int64_t base, int64_t n, const float *v) {
+    if (dt == SQ_F32) {
+        memcpy((float *)y + base, v, (size_t)n * sizeof(float));
+    } else {
+        for (int64_t i = 0; i < n; ++i) ((uint16_t *)y)[base + i] = sq_f32_to_bf16(v[i]);
+    }
+}
+
+int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const float *scale_min, const void *x,
+                      void *y) {
+    int st = sq_pk_check(p);
+    if (st) return st;
+    const int64_t T = p->tokens, N = p->rows, K = p->cols, G = K / p->group, upg = p->group / SQ_PK_UNIT;
+    const int64_t NU = K / SQ_PK_UNIT, NB = sq_pk_row_blocks(N), XL = sq_pk_xs_len(p);
+    if (T == 0 || N == 0) return SQ_OK;
+    float *xs = sq_alloc((size_t)(T * XL) * sizeof(float));
+    float *xsum = sq_alloc((size_t)(T * G) * sizeof(float));
+    if (!xs || !xsum) {
+        free(xs);
+        free(xsum);
+        return SQ_ERR_NOMEM;
+    }
+    const half_fn *fn = fns[p->bits == 2 ? 0 : p->bits == 3 ? 1 : p->bits == 4 ? 2 : 3];
+    const int nt = sq_threads(p->nthreads, NB > T ? NB : T);
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) sq_pk_prepare_token(p, x, t, xs + t * XL, xsum + t * G);
+        float out[TB_MAX * SQ_PK_ROWS];
+#pragma omp for schedule(static)
+        for (int64_t rb = 0; rb < NB; ++rb) {
+            const int64_t r0 = rb * SQ_PK_ROWS, nr = N - r0 < SQ_PK_ROWS ? N - r0 : SQ_PK_ROWS;
+            const uint32_t *q = qweight + rb * NU * p->bits * SQ_PK_ROWS;
+            const float *sm = scale_min + rb * G * 2 * SQ_PK_ROWS;
+            for (int64_t t0 = 0; t0 < T; t0 += TB_MAX) {
+                const int tb = (int)(T - t0 < TB_MAX ? T - t0 : TB_MAX);
+                for (int h = 0; h < (nr > HALF ? 2 : 1); ++h)
+                    fn[tb - 1](q + h * HALF, sm + h * HALF, G, upg, xs + t0 * XL, XL, xsum + t0 * G, out + h * HALF);
+                for (int t = 0; t < tb; ++t) store_rows(y, p->y_dtype, (t0 + t) * N + r0, nr, out + t * SQ_PK_ROWS);
+            }
+        }
+    }
+    free(xs);
+    free(xsum);
+    return SQ_OK;
+}

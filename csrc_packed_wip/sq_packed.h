@@ -1,0 +1,136 @@
+/*
+ * sq_packed.h: the packed low-bit weight layout and the C API of the packed matmul kernels.
+ *
+ *   y[t, r] = sum_g ( scale[r,g] * sum_{k in g} q[r,k] x[t,k]  +  min[r,g] * sum_{k in g} x[t,k] )
+ *
+ * with min = -scale * zero, i.e. y = x W^T for W = (q - zero) * scale (asymmetric codes
+ * q in [0, 2^bits - 1]; symmetric codes are stored shifted by 2^(bits-1), zero = 2^(bits-1)).
+ * The per-group sums of x are computed once per call, so the inner loop is codes times x only.
+ *
+ * Layout (written down here once; sliderquant/packed.py writes it, the kernels read it):
+ *   - rows (output features) come in blocks of SQ_PK_ROWS = 16; the last block is padded with
+ *     rows whose codes, scales and mins are all 0 (they compute 0 and are never stored);
+ *   - columns (input features) come in units of SQ_PK_UNIT = 32; K must be a multiple of 32 and the
+ *     group size a multiple of 32 that divides K (per-channel: group = K), so no unit straddles a group;
+ *   - qweight is uint32 [n_row_blocks][K / 32][bits][16]: one unit of one row block is `bits` words
+ *     per row, and the 16 rows' words of one word index are adjacent (one zmm / two ymm loads);
+ *   - inside a unit, for bits = 2, 4, 8: word j holds columns j*cpw .. j*cpw + cpw - 1 (cpw = 32/bits),
+ *     column j*cpw + c in bits [bits*c, bits*c + bits) (little end first);
+ *     bits = 3 is a 2-bit plane plus a 1-bit plane: words 0 and 1 hold the low two bits of columns
+ *     0..15 and 16..31 as for bits = 2, word 2 holds bit 2 of column c in bit c (q = lo + 4 hi);
+ *   - scale_min is float32 [n_row_blocks][n_groups][2][16]: the 16 rows' scales, then their mins.
+ *
+ * Summation order, shared by every ISA so that they agree bit for bit on finite inputs: for each
+ * row and token, per group an fp32 accumulator runs over the group's units, words and fields in
+ * storage order with one fused multiply-add per code (for bits = 3: the low-plane words of the
+ * unit, then the high plane, each bit as (4 hi) * x); then total = fma(acc, scale, total) and
+ * total = fma(min, xsum_g, total), groups in order.  The SIMD kernels multiply the masked field
+ * (q * 2^offset, exact) by x * 2^-offset (exact unless |x| < ~2^-96 underflows), so their products
+ * equal the reference's q * x.  NaN and Inf in x propagate as in a float matmul (not checked).
+ */
+#ifndef SQ_PACKED_H
+#define SQ_PACKED_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "sq_kernels.h"
+
+#define SQ_PK_ROWS 16
+#define SQ_PK_UNIT 32
+
+_Static_assert(SQ_PK_ROWS * sizeof(uint32_t) == 64, "a row block's word is one 64-byte zmm / cache line");
+_Static_assert(SQ_PK_UNIT == 8 * sizeof(uint32_t), "a unit is 32 columns: bits words of 32 bits per row");
+_Static_assert(sizeof(float) == 4 && sizeof(uint32_t) == 4, "scale_min and qweight are 4-byte elements");
+
+typedef struct {
+    int64_t tokens; /* rows of x and y */
+    int64_t rows;   /* output features N */
+    int64_t cols;   /* input features K, a multiple of SQ_PK_UNIT */
+    int64_t group;  /* columns per group: a multiple of SQ_PK_UNIT dividing K */
+    int bits;       /* 2, 3, 4 or 8 */
+    int nthreads;
+    sq_dtype x_dtype;
+    sq_dtype y_dtype;
+} sq_pk_params;
+
+typedef int (*sq_pk_matmul_fn)(const sq_pk_params *, const uint32_t *qweight, const float *scale_min,
+                               const void *x, void *y);
+
+int sq_pk_matmul_ref(const sq_pk_params *, const uint32_t *qweight, const float *scale_min, const void *x, void *y);
+int sq_pk_matmul_avx2(const sq_pk_params *, const uint32_t *qweight, const float *scale_min, const void *x, void *y);
+int sq_pk_matmul_avx512(const sq_pk_params *, const uint32_t *qweight, const float *scale_min, const void *x,
+                        void *y);
+
+/* dispatch.c: "ref", "avx2", "avx512" or "auto" (the best this CPU runs); NULL when unsupported */
+sq_pk_matmul_fn sq_pk_kernel(const char *isa, const char **name_out);
+
+/* ---------------------------------------------------------------- shared by all ISAs */
+
+static inline int64_t sq_pk_row_blocks(int64_t rows) { return (rows + SQ_PK_ROWS - 1) / SQ_PK_ROWS; }
+
+/* words per row in one unit, and the qweight / scale_min element counts */
+static inline int64_t sq_pk_qweight_words(int64_t rows, int64_t cols, int bits) {
+    return sq_pk_row_blocks(rows) * (cols / SQ_PK_UNIT) * bits * SQ_PK_ROWS;
+}
+static inline int64_t sq_pk_scale_min_floats(int64_t rows, int64_t cols, int64_t group) {
+    return sq_pk_row_blocks(rows) * (cols / group) * 2 * SQ_PK_ROWS;
+}
+
+static inline int sq_pk_check(const sq_pk_params *p) {
+    if (p->tokens < 0 || p->rows < 0 || p->cols <= 0 || p->cols % SQ_PK_UNIT) return SQ_ERR_ARGS;
+    if (p->group <= 0 || p->group % SQ_PK_UNIT || p->cols % p->group) return SQ_ERR_ARGS;
+    if (p->bits != 2 && p->bits != 3 && p->bits != 4 && p->bits != 8) return SQ_ERR_ARGS;
+    return SQ_OK;
+}
+
+/* floats of scaled x per token: one per column, two for bits = 3 (low plane, high plane) */
+static inline int64_t sq_pk_xs_len(const sq_pk_params *p) { return p->bits == 3 ? 2 * p->cols : p->cols; }
+
+static inline float sq_pk_x(const void *x, sq_dtype dt, int64_t idx) {
+    if (dt == SQ_F32) return ((const float *)x)[idx];
+    uint32_t u = (uint32_t)((const uint16_t *)x)[idx] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* 2^e as a float, for -126 <= e <= 127 */
+static inline float sq_pk_pow2(int e) {
+    uint32_t u = (uint32_t)(e + 127) << 23;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/*
+ * Per token: xsum[g] (sequential fp32 sums over each group) and, when xs is not NULL, x scaled for
+ * the SIMD field extraction: a field at bit offset o extracted by masking is q * 2^o, so its x is
+ * multiplied by 2^-o; the top field of a word is extracted by a shift and keeps x (times 4 for the
+ * high plane of bits = 3).  For bits = 3, xs holds per unit 32 low-plane then 32 high-plane values.
+ */
+static inline void sq_pk_prepare_token(const sq_pk_params *p, const void *x, int64_t t, float *xs, float *xsum) {
+    const int64_t K = p->cols, G = K / p->group;
+    const int64_t base = t * K;
+    for (int64_t g = 0; g < G; ++g) {
+        float s = 0.0f;
+        for (int64_t k = g * p->group; k < (g + 1) * p->group; ++k) s += sq_pk_x(x, p->x_dtype, base + k);
+        xsum[g] = s;
+    }
+    if (!xs) return;
+    const int lo_bits = p->bits == 3 ? 2 : p->bits, cpw = 32 / lo_bits;
+    for (int64_t k = 0; k < K; ++k) {
+        const float v = sq_pk_x(x, p->x_dtype, base + k);
+        const int c = (int)(k % cpw);
+        const float f = c == cpw - 1 ? 1.0f : sq_pk_pow2(-lo_bits * c);
+        if (p->bits == 3) {
+            const int64_t u = k / SQ_PK_UNIT, cu = k % SQ_PK_UNIT;
+            xs[u * 64 + cu] = v * f;
+            xs[u * 64 + 32 + cu] = v * (cu == 31 ? 4.0f : sq_pk_pow2(2 - (int)cu));
+        } else {
+            xs[k] = v * f;
+        }
+    }
+}
+
+#endif /* SQ_PACKED_H */
