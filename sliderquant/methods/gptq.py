@@ -176,7 +176,7 @@ def run_gptq(model, cfg, calibration, work_dir=None, on_window=None):
     with fp32_layer_inputs(model, calibration) as (x, layer_kwargs):
         qlayers = wrap_layers(model, cfg, lwc=False, lora_rank=0)
         fp32 = contextlib.nullcontext()
-        progress = Progress(len(layers), "gptq", unit="layer")
+        progress = Progress(len(layers), cfg.method, unit="layer")
         for i in range(len(layers)):
             solvers, hooks = {}, []
             for name, q in qlayers[i].items():
