@@ -1,8 +1,9 @@
 """The quantization grid and its learnable parameters (docs/algorithm.md section 4).
 
 The math itself lives in ``ops`` (C kernels, with ``reference`` as the oracle); this module holds
-what is shared by every method: the shape of the LWC logits, the check that a group size fits a
-weight, and the dequantization of stored codes.
+what is shared by every method: the group size a layer uses, the shape of the LWC logits, and the
+dequantization of stored codes.  Group sizes are checked by ``limits.check_group_size``, the rule
+every part of the project uses.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import logging
 
 import torch
 from torch import nn
+
+from .limits import check_group_size
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ def layer_group_size(in_features: int, group_size: int | None) -> int | None:
     largest divisor of ``in_features`` below ``group_size`` is used instead, the same for every
     method, and a warning says so once per width.
     """
-    if group_size is None or group_size >= in_features:
+    if check_group_size(group_size) is None or group_size >= in_features:
         return None
     if in_features % group_size == 0:
         return group_size
@@ -39,12 +42,9 @@ def layer_group_size(in_features: int, group_size: int | None) -> int | None:
 
 
 def n_groups(in_features: int, group_size: int | None) -> int:
-    if group_size is None or group_size == in_features:
-        return 1
-    if in_features % group_size:
-        raise ValueError(f"group_size {group_size} does not divide the {in_features} input features "
-                         f"of a layer; choose a divisor or per-channel quantization (group_size: null)")
-    return in_features // group_size
+    """Groups per row; ``ValueError`` unless ``group_size`` divides ``in_features`` (or is None)."""
+    group_size = check_group_size(group_size, in_features)
+    return 1 if group_size is None else in_features // group_size
 
 
 def lwc_logits(out_features: int, in_features: int, group_size: int | None) -> nn.Parameter:

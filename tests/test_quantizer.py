@@ -30,3 +30,22 @@ def test_quant_linear_uses_the_fallback_and_lands_on_its_grid():
     codes = torch.round(w / s + z)
     assert torch.all((codes >= 0) & (codes <= 7))
     torch.testing.assert_close((codes - z) * s, w)
+
+
+@pytest.mark.parametrize("group", [0, -3, 2.5, True])
+def test_bad_group_sizes_are_refused_with_a_sentence(group):
+    # before the shared check (limits.check_group_size): ZeroDivisionError or an empty max()
+    from sliderquant.quantizer import n_groups
+    with pytest.raises(ValueError, match="group_size must be a positive integer"):
+        layer_group_size(64, group)
+    with pytest.raises(ValueError, match="group_size must be a positive integer"):
+        n_groups(64, group)
+    with pytest.raises(ValueError, match="group_size must be a positive integer"):
+        QuantLinear(nn.Linear(64, 8), wbits=3, group_size=group)
+
+
+def test_n_groups_needs_a_divisor():
+    from sliderquant.quantizer import n_groups
+    assert (n_groups(576, 96), n_groups(576, None), n_groups(576, 576)) == (6, 1, 1)
+    with pytest.raises(ValueError, match="does not divide the 576 input features"):
+        n_groups(576, 128)
