@@ -67,8 +67,13 @@ def _use_c(t: Tensor) -> bool:
 GRAIN = 1 << 18
 
 
+# Upper bound on the kernels' threads; None = torch.get_num_threads().  (bench threads measures 1.)
+KERNEL_THREADS: Optional[int] = None
+
+
 def _nthreads(numel: int) -> int:
-    return max(1, min(torch.get_num_threads(), -(-numel // GRAIN)))
+    cap = torch.get_num_threads() if KERNEL_THREADS is None else KERNEL_THREADS
+    return max(1, min(cap, -(-numel // GRAIN)))
 
 
 def _empty() -> Tensor:
