@@ -280,6 +280,9 @@ def _log_table(table) -> None:
                  "  reverted" if r.get("reverted") else "")
     rose = sum(r.get("loss_trained", r["loss_after"]) > r["loss_before"] for r in table)
     reverted = sum(r.get("reverted", False) for r in table)
-    if rose:
+    if reverted:
         log.info("%d of %d windows ended training above their starting loss; %d reverted "
                  "(revert_worse_windows)", rose, len(table), reverted)
+    elif rose:
+        log.info("%d of %d windows ended training above their starting loss; kept as trained "
+                 "(revert_worse_windows is off)", rose, len(table))
