@@ -16,7 +16,7 @@ import sliderquant
 from sliderquant import api
 from sliderquant.config import QuantConfig
 
-from test_models import VOCAB, tiny_model, token_ids
+from test_models import tiny_model, token_ids
 
 
 @pytest.fixture(autouse=True)
