@@ -3,6 +3,7 @@
  * each); each field is one AND (or shift) and one convert feeding one FMA per token of the token
  * block (up to 4 tokens share each unpacked field).  Same products and order as the reference.
  */
+#if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma")
 #include <immintrin.h>
 
@@ -120,3 +121,5 @@ int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const floa
     free(xsum);
     return SQ_OK;
 }
+
+#endif /* x86 */

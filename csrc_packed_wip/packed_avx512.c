@@ -4,7 +4,8 @@
  * feeds one FMA per token of the token block (up to 8 tokens share each unpacked field: prefill).
  * Products are field * (x * 2^-offset) = q * x exactly, so the sums equal the reference's.
  */
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx512f,avx2,fma")
 #include <immintrin.h>
 
 #include "sq_common.h"
@@ -117,3 +118,5 @@ int sq_pk_matmul_avx512(const sq_pk_params *p, const uint32_t *qweight, const fl
     free(xsum);
     return SQ_OK;
 }
+
+#endif /* x86 */

@@ -1,0 +1,258 @@
+"""Packed low-bit inference (issue 10 section 3): layout, C kernels, PackedLinear, packed SmolLM2.
+
+Oracle: ``x @ dequantize(q, scale, zero).T`` in float64 from the original codes (not from the
+packed words).  The kernels sum in fp32 with one FMA per code, so each output differs from the oracle
+by at most about ``(K + 4) * u * sum_k |x_k| (|q_k| + |z|) |s|`` (u = 2^-24, the fp32 unit
+roundoff; the group sum of x and the min term add at most the |z| part); tests use twice that.
+Every ISA computes the same products in the same order, so ref, AVX2 and AVX-512, and 1 or 2
+threads, must agree bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from sliderquant import packed
+from sliderquant.quantizer import dequantize
+
+C = packed._C
+if C is None and os.environ.get("SLIDERQUANT_ALLOW_NO_EXTENSION") != "1":
+    pytest.fail("sliderquant._C is missing (set SLIDERQUANT_ALLOW_NO_EXTENSION=1 to skip)", pytrace=False)
+pytestmark = pytest.mark.skipif(C is None, reason="no C extension")
+
+
+def _isas():
+    out = ["ref"]
+    for isa in ("avx2", "avx512"):
+        try:
+            C.pk_matmul(torch.zeros(1, 1, 2, 16, dtype=torch.int32), torch.zeros(1, 1, 2, 16), torch.zeros(1, 32),
+                        torch.zeros(1, 1), 1, 32, 32, 2, 1, isa)
+            out.append(isa)
+        except ValueError:
+            pass
+    return out
+
+
+ISAS = _isas() if C is not None else ["ref"]
+
+
+def _case(bits, rows, cols, group, tokens, xdtype, seed=0, symmetric=False):
+    g = torch.Generator().manual_seed(seed)
+    groups = cols // group
+    if symmetric:
+        q = torch.randint(-2 ** (bits - 1), 2 ** (bits - 1), (rows, cols), generator=g)
+        z = torch.zeros(rows, groups)
+    else:
+        q = torch.randint(0, 2 ** bits, (rows, cols), generator=g)
+        z = torch.randint(0, 2 ** bits, (rows, groups), generator=g).float()
+    s = torch.rand(rows, groups, generator=g) * 0.05 + 1e-3
+    x = torch.randn(tokens, cols, generator=g).to(xdtype)
+    return q, s, z, x
+
+
+def _oracle_and_bound(q, s, z, x):
+    rows, cols = q.shape
+    group = cols // s.shape[1]
+    w = ((q.double().reshape(rows, -1, group) - z.double().unsqueeze(-1)) * s.double().unsqueeze(-1)).reshape(rows, cols)
+    assert torch.allclose(w.float(), dequantize(q, s, z), rtol=1e-6, atol=1e-7)  # the library's own formula
+    mag = ((q.double().abs().reshape(rows, -1, group) + z.double().abs().unsqueeze(-1))
+           * s.double().unsqueeze(-1)).reshape(rows, cols)
+    xd = x.double()
+    return xd @ w.T, 2 * (cols + 4) * 2.0 ** -24 * (xd.abs() @ mag.T)
+
+
+SHAPES = [  # rows, cols, group: rows not a multiple of 16, one group, K not a multiple of 64
+    (1, 32, 32), (3, 96, 96), (17, 160, 32), (33, 96, 32), (40, 256, 64), (16, 128, 128), (5, 64, 64)]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_unpack_roundtrip(bits):
+    q, *_ = _case(bits, 19, 96, 32, 1, torch.float32, seed=bits)
+    words = packed.pack_codes(q, bits)
+    assert words.shape == (2, 3, bits, 16) and words.dtype == torch.int32
+    assert torch.equal(packed.unpack_codes(words, 19, bits), q)
+
+
+def test_pack_words_by_hand():
+    """The layout of csrc/sq_packed.h on hand-computed words."""
+    q = torch.zeros(2, 32, dtype=torch.int64)
+    q[0, :8] = torch.arange(8)                     # 4-bit: word 0 of row 0 = 0x76543210
+    q[1, 8] = 15                                   # 4-bit: row 1, word 1, field 0
+    w = packed.pack_codes(q, 4)
+    assert w[0, 0, 0, 0].item() == 0x76543210 and w[0, 0, 1, 1].item() == 15 and int(w.count_nonzero()) == 2
+    q3 = torch.zeros(1, 32, dtype=torch.int64)
+    q3[0, 0], q3[0, 17], q3[0, 31] = 5, 6, 7          # 3-bit: low 2 bits in words 0/1, bit 2 in word 2
+    w3 = packed.pack_codes(q3, 3)
+    assert w3[0, 0, 0, 0].item() == 1                       # col 0: lo 01
+    assert w3[0, 0, 1, 0].item() == (2 << 2) | (3 << 30) - (1 << 32)   # cols 17 (lo 10), 31 (lo 11); int32
+    assert w3[0, 0, 2, 0].item() == (1 | 1 << 17 | 1 << 31) - (1 << 32)  # bit 2 of cols 0, 17, 31
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_kernels_against_float64_and_each_other(bits, xdtype):
+    for si, (rows, cols, group) in enumerate(SHAPES):
+        for tokens in (1, 3, 17):
+            q, s, z, x = _case(bits, rows, cols, group, tokens, xdtype, seed=100 * bits + 10 * si + tokens)
+            qw, sm = packed.pack_codes(q, bits), packed.pack_scales(s, z)
+            oracle, bound = _oracle_and_bound(q, s, z, x)
+            first = None
+            for isa in ISAS:
+                for threads in (1, 2):
+                    y = packed.matmul(qw, sm, x, rows, group, bits, out_dtype=torch.float32, isa=isa,
+                                      nthreads=threads)
+                    err = (y.double() - oracle).abs()
+                    assert bool((err <= bound).all()), (isa, threads, rows, cols, group, tokens,
+                                                        float((err / bound).max()))
+                    if first is None:
+                        first = y
+                    assert torch.equal(y, first), (isa, threads, rows, cols, group, tokens)
+            assert first.abs().max() > 0
+
+
+def test_kernel_error_is_not_trivially_zero_and_bound_is_tight():
+    """The bound is a real constraint: a wrong min (dropping -scale*zero) breaks it."""
+    q, s, z, x = _case(4, 33, 256, 64, 5, torch.float32, seed=7)
+    oracle, bound = _oracle_and_bound(q, s, z, x)
+    y = packed.matmul(packed.pack_codes(q, 4), packed.pack_scales(s, torch.zeros_like(z)), x, 33, 64, 4)
+    assert not bool(((y.double() - oracle).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_bf16_output_is_rounded_fp32_output(isa):
+    q, s, z, x = _case(3, 17, 160, 32, 4, torch.bfloat16, seed=3)
+    qw, sm = packed.pack_codes(q, 3), packed.pack_scales(s, z)
+    y32 = packed.matmul(qw, sm, x, 17, 32, 3, out_dtype=torch.float32, isa=isa)
+    y16 = packed.matmul(qw, sm, x, 17, 32, 3, isa=isa)
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16, y32.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_packed_linear_symmetric_and_container_bits(bits):
+    """Symmetric codes (zero 0) are stored shifted; 5-bit codes go into 8-bit containers."""
+    q, s, z, x = _case(bits, 21, 96, 32, 2, torch.float32, seed=bits, symmetric=True)
+    lin = packed.PackedLinear.from_codes(q, s, z, bits, symmetric=True, bias=torch.arange(21.0))
+    oracle, bound = _oracle_and_bound(q, s, z, x)
+    y = lin(x.reshape(1, 2, 96)).reshape(2, 21).double() - torch.arange(21.0).double()
+    assert bool(((y - oracle).abs() <= bound + 1e-5).all())
+    assert lin.bits == (8 if bits == 5 else bits)
+    # the torch reference of the same module (what a CUDA tensor would use) agrees
+    ref = packed.reference_matmul(lin.qweight, lin.scale_min, x, 21, 32, lin.bits).double()
+    assert bool(((ref - oracle).abs() <= bound).all())
+
+
+def test_nan_in_x_propagates_to_its_token_only():
+    q, s, z, x = _case(4, 20, 64, 32, 2, torch.float32, seed=1)
+    qw, sm = packed.pack_codes(q, 4), packed.pack_scales(s, z)
+    clean = packed.matmul(qw, sm, x, 20, 32, 4)
+    x[0, 5] = float("nan")
+    for isa in ISAS:
+        y = packed.matmul(qw, sm, x, 20, 32, 4, isa=isa)
+        assert bool(y[0].isnan().all()) and torch.equal(y[1], clean[1])
+
+
+def test_ref_forced_by_environment():
+    import subprocess
+    import sys
+    code = "import sliderquant.packed as p; print(p.packed_backend())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SLIDERQUANT_ISA": "ref"},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "ref"
+    assert packed.packed_backend() == ISAS[-1] or os.environ.get("SLIDERQUANT_ISA")
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+def _good():
+    q, s, z, x = _case(4, 20, 64, 32, 2, torch.float32)
+    return packed.pack_codes(q, 4), packed.pack_scales(s, z), x, torch.empty(2, 20)
+
+
+@pytest.mark.parametrize("mutate, exc, match", [
+    (lambda a: a.update(q=a["q"].long()), TypeError, "'qweight' must be int32"),
+    (lambda a: a.update(sm=a["sm"].double()), TypeError, "'scale_min' must be float32"),
+    (lambda a: a.update(x=a["x"].half()), TypeError, "'x' must be float32 or bfloat16"),
+    (lambda a: a.update(x=a["x"].int()), TypeError, "'x' must be float32 or bfloat16"),
+    (lambda a: a.update(y=a["y"].double()), TypeError, "'y' must be float32 or bfloat16"),
+    (lambda a: a.update(q=a["q"][:1]), ValueError, "'qweight' must have shape"),
+    (lambda a: a.update(sm=a["sm"][:, :1].contiguous()), ValueError, "'scale_min' must have shape"),
+    (lambda a: a.update(x=torch.zeros(2, 96)), ValueError, "last dimension in_features = 64"),
+    (lambda a: a.update(y=torch.empty(2, 21)), ValueError, "out_features = 20"),
+    (lambda a: a.update(y=torch.empty(3, 20)), ValueError, "shape of 'x'"),
+    (lambda a: a.update(x=torch.zeros(64, 2).T), ValueError, "C-contiguous"),
+    (lambda a: a.update(bits=5), ValueError, "2, 3, 4 or 8 bits"),
+    (lambda a: a.update(bits=9), ValueError, "'bits' must lie in"),
+    (lambda a: a.update(group=48), ValueError, "multiple of 32 that divides"),
+    (lambda a: a.update(group=128), ValueError, "multiple of 32 that divides"),
+    (lambda a: a.update(cols=80, x=torch.zeros(2, 80)), ValueError, "multiple of 32, got 80"),
+    (lambda a: a.update(isa="neon"), ValueError, "'neon' are not available"),
+    (lambda a: a.update(q=[1, 2]), TypeError, "DLPack"),
+])
+def test_bad_input_is_a_clear_exception(mutate, exc, match):
+    q, sm, x, y = _good()
+    a = dict(q=q, sm=sm, x=x, y=y, rows=20, cols=64, group=32, bits=4, isa=None)
+    mutate(a)
+    with pytest.raises(exc, match=match):
+        C.pk_matmul(a["q"], a["sm"], a["x"], a["y"], a["rows"], a["cols"], a["group"], a["bits"], 1, a["isa"])
+
+
+def test_output_may_not_alias_input():
+    q, sm, _, _ = _good()
+    buf = torch.zeros(2 * 64 + 2 * 20)
+    x, y = buf[:128].view(2, 64), buf[100:140].view(2, 20)
+    with pytest.raises(ValueError, match="overlaps"):
+        C.pk_matmul(q, sm, x, y, 20, 64, 32, 4, 1, None)
+
+
+def test_python_layer_refuses_unpackable_shapes():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        packed.PackedLinear(48, 16, 4, 48)
+    with pytest.raises(ValueError, match="2- to 8-bit"):
+        packed.PackedLinear(64, 16, 1, 64)
+    with pytest.raises(ValueError, match="codes must lie"):
+        packed.pack_codes(torch.full((16, 32), 16), 4)
+    with pytest.raises(ValueError, match="no sliderquant codes"):
+        packed.pack_model(torch.nn.Linear(4, 4))
+
+
+# ---- a packed SmolLM2 ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2_w4():
+    import sliderquant
+    from sliderquant import data
+    try:
+        data.smollm2_gguf_path()
+    except FileNotFoundError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"required under CI: {exc}", pytrace=False)
+        pytest.skip(str(exc))
+    torch.set_num_threads(2)
+    model, tok = data.load_model("smollm2-135m")
+    sliderquant.quantize(model, {"method": "rtn", "wbits": 4, "group_size": 64}, None)
+    return model.eval(), tok
+
+
+def test_packed_smollm2_matches_fake_quant_and_generates(smollm2_w4, tmp_path):
+    """Logits of the packed model equal the fake-quantized model's within 2e-4 of the logits' scale:
+    both compute in fp32; the packed kernels only reorder the sums (s*sum(q x) + m*sum(x) per group
+    instead of sum((q - z) s x)), about K * u relative per linear, grown through 30 layers."""
+    fake, tok = smollm2_w4
+    model = packed.pack_model(copy.deepcopy(fake))
+    n_packed = sum(isinstance(m, packed.PackedLinear) for m in model.modules())
+    assert n_packed == 30 * 7
+    ids = tok("Once upon a time there was a little robot who", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want, got = fake(ids).logits, model(ids).logits
+    scale = want.abs().max()
+    assert float((got - want).abs().max()) <= 2e-4 * float(scale), float((got - want).abs().max() / scale)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    out = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 16
+    ref = fake.generate(ids, max_new_tokens=16, do_sample=False)
+    assert torch.equal(out, ref)
+    # memory of the linears: bits/16 of bf16 plus 8 bytes per row and group
+    n_weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, packed.PackedLinear))
+    n_groups = sum(m.out_features * m.in_features // 64 for m in model.modules() if isinstance(m, packed.PackedLinear))
+    assert packed.packed_bytes(model) == n_weights * 4 // 8 + n_groups * 8
