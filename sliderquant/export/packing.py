@@ -42,14 +42,18 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
                          f"got [{int(v.min())}, {int(v.max())}]")
     rows, n = v.shape
     width = packed_width(n, bits)
-    pos = torch.arange(n, dtype=torch.int64) * bits
-    word, shift = pos // WORD_BITS, pos % WORD_BITS
-    # fields never overlap, so adding them is the same as or-ing them; one spare word takes the
-    # high part of a field that straddles the last boundary (always zero for the last one)
-    acc = torch.zeros(rows, width + 1, dtype=torch.int64)
-    acc.index_add_(1, word, (v << shift) & 0xFFFFFFFF)
-    acc.index_add_(1, word + 1, v >> (WORD_BITS - shift))
-    acc = acc[:, :width]
+    # 32 values of b bits fill exactly b words, so the stream is cut into such chunks and built
+    # one value position at a time (32 vectorized steps whatever the size); fields never overlap,
+    # so or-ing them in is the whole packing
+    chunks = -(-n // WORD_BITS)
+    v = torch.nn.functional.pad(v, (0, chunks * WORD_BITS - n)).reshape(rows, chunks, WORD_BITS)
+    acc = torch.zeros(rows, chunks, bits + 1, dtype=torch.int64)
+    for j in range(WORD_BITS):
+        word, shift = divmod(j * bits, WORD_BITS)
+        acc[:, :, word] |= (v[:, :, j] << shift) & 0xFFFFFFFF
+        if shift + bits > WORD_BITS:
+            acc[:, :, word + 1] |= v[:, :, j] >> (WORD_BITS - shift)
+    acc = acc[:, :, :bits].reshape(rows, chunks * bits)[:, :width]
     return torch.where(acc >= 1 << 31, acc - (1 << 32), acc).to(torch.int32)
 
 
@@ -61,13 +65,19 @@ def unpack_rows(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if words.shape[1] < packed_width(n, bits):
         raise ValueError(f"unpack_rows: {words.shape[1]} words per row hold fewer than {n} "
                          f"{bits}-bit values (need {packed_width(n, bits)})")
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    w = torch.cat([w, torch.zeros(w.shape[0], 1, dtype=torch.int64)], dim=1)
-    pos = torch.arange(n, dtype=torch.int64) * bits
-    word, shift = pos // WORD_BITS, pos % WORD_BITS
-    # two consecutive words as one 64-bit window; shift + bits < 40, so the sign bit never matters
-    pair = w[:, word] | (w[:, word + 1] << WORD_BITS)
-    return (pair >> shift) & ((1 << bits) - 1)
+    rows = words.shape[0]
+    chunks = -(-n // WORD_BITS)
+    w = words[:, :packed_width(n, bits)].to(torch.int64) & 0xFFFFFFFF
+    w = torch.nn.functional.pad(w, (0, chunks * bits + 1 - w.shape[1]))
+    # word k of chunk c is at c*bits + k; one spare word at the end for the last chunk's k + 1
+    base = torch.arange(chunks, dtype=torch.int64) * bits
+    out = torch.empty(rows, chunks, WORD_BITS, dtype=torch.int64)
+    for j in range(WORD_BITS):
+        word, shift = divmod(j * bits, WORD_BITS)
+        # two consecutive words as one 64-bit window; shift + bits < 40, so the sign bit never matters
+        pair = w[:, base + word] | (w[:, base + word + 1] << WORD_BITS)
+        out[:, :, j] = (pair >> shift) & ((1 << bits) - 1)
+    return out.reshape(rows, chunks * WORD_BITS)[:, :n]
 
 
 def pack_columns(values: torch.Tensor, bits: int) -> torch.Tensor:
