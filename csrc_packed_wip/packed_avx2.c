@@ -99,12 +99,19 @@ int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const floa
     }
     const half_fn *fn = fns[p->bits == 2 ? 0 : p->bits == 3 ? 1 : p->bits == 4 ? 2 : 3];
     const int nt = sq_threads(p->nthreads, NB > T ? NB : T);
+    /* a few tokens (decode) are prepared serially: a barrier costs more than K elements; the row
+     * blocks go in small dynamic chunks so a thread the OS preempts does not hold up the others */
+    const int serial_prep = T * K < (1 << 16);
+    if (serial_prep)
+        for (int64_t t = 0; t < T; ++t) sq_pk_prepare_token(p, x, t, xs + t * XL, xsum + t * G);
 #pragma omp parallel num_threads(nt)
     {
+        if (!serial_prep) {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; ++t) sq_pk_prepare_token(p, x, t, xs + t * XL, xsum + t * G);
+            for (int64_t t = 0; t < T; ++t) sq_pk_prepare_token(p, x, t, xs + t * XL, xsum + t * G);
+        }
         float out[TB_MAX * SQ_PK_ROWS];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
         for (int64_t rb = 0; rb < NB; ++rb) {
             const int64_t r0 = rb * SQ_PK_ROWS, nr = N - r0 < SQ_PK_ROWS ? N - r0 : SQ_PK_ROWS;
             const uint32_t *q = qweight + rb * NU * p->bits * SQ_PK_ROWS;

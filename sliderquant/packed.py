@@ -166,6 +166,14 @@ class PackedLinear(nn.Module):
             m.bias.copy_(bias.detach().float())
         return m
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must not round the scales and mins: they stay fp32 (moves apply)
+        keep = self.scale_min
+        super()._apply(fn, recurse)
+        if self.scale_min.dtype != torch.float32:
+            self.scale_min = keep.to(self.scale_min.device)
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu" or _C is None:
             y = reference_matmul(self.qweight, self.scale_min, x, self.out_features, self.group_size, self.bits)
