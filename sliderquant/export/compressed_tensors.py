@@ -14,11 +14,15 @@ The 3/5/6/7-bit stream with fields straddling words is the layout of compressed-
 (earlier versions used 32 // b fields per word and do not check the version on load); 2/4/8-bit
 files are the same in both.  Load asymmetric files with
 ``CompressedTensorsConfig(dequantize=True)`` (``run_compressed=False``): the compressed-in-place
-path of the current reader mishandles asymmetric zero points.
+path of the current reader mishandles asymmetric zero points.  Several group sizes in one model
+(SmolLM2 g128 uses g96 on its 576-wide layers) become one config group per size; transformers
+5.24 loads that for symmetric grids (default path) but not for asymmetric ones (its
+``dequantize=True`` path applies one group's scheme to all layers), so a warning says so.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
@@ -32,12 +36,21 @@ from .provenance import provenance
 FORMAT = "compressed-tensors"
 LAYOUT_VERSION = "0.20.0"     # the library version this layout was checked against
 
+log = logging.getLogger(__name__)
+
 
 def export_compressed_tensors(model: nn.Module, out_dir, tokenizer=None) -> str:
     check_target(out_dir)
     cfg, layers = quantized_layers(model)
     if not layers[0].symmetric:
         require_integer_zeros(layers, FORMAT)
+    if not layers[0].symmetric and len(group_sizes(layers)) > 1:
+        log.warning("compressed-tensors export with several group sizes (%s) and asymmetric codes: the "
+                    "format holds it (one config group per size), but transformers 5.24 cannot load it "
+                    "(dequantize=True applies one group's scheme to every layer, and the default path "
+                    "mishandles asymmetric zero points); quantize with one group size (e.g. g64 for "
+                    "SmolLM2) to load it in transformers", ", ".join(
+                        "per channel" if g is None else f"g{g}" for g in group_sizes(layers)))
     tensors = dense_tensors(model, {layer.name for layer in layers})
     for layer in layers:
         tensors[f"{layer.name}.weight_packed"] = pack_rows(layer.codes, layer.bits)
