@@ -122,7 +122,8 @@ def matmul(qweight: Tensor, scale_min: Tensor, x: Tensor, rows: int, group_size:
     out_dtype = x.dtype if out_dtype is None else out_dtype
     y = torch.empty(*x.shape[:-1], rows, dtype=out_dtype)
     threads = torch.get_num_threads() if nthreads is None else nthreads
-    _C.pk_matmul(qweight, scale_min, x, y, rows, x.shape[-1] if x.dim() else 0, group_size, bits, threads, isa)
+    cols = qweight.shape[1] * UNIT if qweight.dim() == 4 else (x.shape[-1] if x.dim() else 0)
+    _C.pk_matmul(qweight, scale_min, x, y, rows, cols, group_size, bits, threads, isa)
     return y
 
 

@@ -198,6 +198,14 @@ def test_bad_input_is_a_clear_exception(mutate, exc, match):
         C.pk_matmul(a["q"], a["sm"], a["x"], a["y"], a["rows"], a["cols"], a["group"], a["bits"], 1, a["isa"])
 
 
+def test_python_matmul_names_a_wrong_width():
+    q, sm, x, _ = _good()
+    with pytest.raises(ValueError, match="last dimension in_features = 64"):
+        packed.matmul(q, sm, torch.zeros(2, 96), 20, 32, 4)
+    with pytest.raises(ValueError, match="on CPU tensors"):
+        packed.matmul(q, sm, x.to("meta"), 20, 32, 4)
+
+
 def test_output_may_not_alias_input():
     q, sm, _, _ = _good()
     buf = torch.zeros(2 * 64 + 2 * 20)
