@@ -193,6 +193,16 @@ def test_smollm2_rtn_g64(tmp_path, smollm2, bits):
     assert_same_logits(model, reader, ids)
 
 
+def test_export_of_a_saved_and_loaded_model(tmp_path):
+    model = quantized_tiny(3, 32, False)
+    sliderquant.save(model, tmp_path / "saved")
+    loaded = sliderquant.load(tmp_path / "saved")
+    export(loaded, tmp_path / "ct", format="compressed-tensors")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["sliderquant"]["wbits"] == 3
+    assert_same_logits(model, read_ct(tmp_path / "ct"), token_ids())
+
+
 # ---- refusals and all-or-nothing writing ------------------------------------------------------------
 
 def test_refusals_write_nothing(tmp_path):

@@ -5,8 +5,10 @@ Tolerances.  GPTQ stores scales in fp16, so the oracle is our fake-quantized mod
 rounded to fp16 ("fq16").  gptqmodel's torch kernel dequantizes each weight as (q - z) * s in fp16:
 (q - z) is an exact small integer, so each weight is fq16's rounded once to fp16, relative error
 <= 2^-11 (plus 2^-24 absolute for fp16 subnormals); this is checked layer by layer.  Logits then
-differ by that rounding carried through the network: bound 2e-3 of the largest logit (observed
-about 2e-4 on the tiny model).  The figure against the fp32-scale model is only reported.
+differ by that rounding carried through the network: bound 2e-3 of the largest logit on the tiny
+3-layer models (observed about 2e-4), 5e-3 on SmolLM2-135M, whose 30 layers carry it further
+(observed 1.3e-3: 0.039 on logits up to 29).  The figure against the fp32-scale model is only
+reported.
 """
 
 import copy
@@ -46,7 +48,8 @@ def read_quantized(path, config):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config)
 
 
-def check_against_reader(model, reader, ids, names, dequant=lambda module: module.dequantize_weight()):
+def check_against_reader(model, reader, ids, names, dequant=lambda module: module.dequantize_weight(),
+                         logit_tol=LOGIT_TOL):
     """``dequant(module)``: the reader's own dequantized weight of a loaded layer, (in, out)."""
     m16 = with_fp16_scales(model)
     for name in names:
@@ -58,7 +61,7 @@ def check_against_reader(model, reader, ids, names, dequant=lambda module: modul
         a, a16, b = model(ids).logits, m16(ids).logits, reader(ids).logits
     scale = float(a.abs().max())
     diff16, diff = float((a16 - b).abs().max()), float((a - b).abs().max())
-    assert diff16 <= LOGIT_TOL * scale, f"max |logit diff| vs fq16 {diff16}, max |logit| {scale}"
+    assert diff16 <= logit_tol * scale, f"max |logit diff| vs fq16 {diff16}, max |logit| {scale}"
     return diff16, diff
 
 
@@ -155,5 +158,6 @@ def test_smollm2_rtn_g64_w4(tmp_path, smollm2):
     reader = read_quantized(tmp_path / "smol", gptq_config(4))
     ids = tok("The capital of France is Paris, and the capital of Germany is", return_tensors="pt").input_ids
     diff16, diff = check_against_reader(model, reader, ids, ("model.layers.0.self_attn.q_proj",
-                                                             "model.layers.29.mlp.down_proj"))
+                                                             "model.layers.29.mlp.down_proj"),
+                                         logit_tol=5e-3)
     print(f"SmolLM2 W4 g64 GPTQ: max |logit diff| vs fq16 {diff16:.3g}, vs fp32-scale fq {diff:.3g}")

@@ -54,6 +54,8 @@ def write_hf_dir(model: nn.Module, out_dir: str, tensors: dict[str, torch.Tensor
     try:
         config = model.config.to_dict()
         config.pop("quantization_config", None)      # e.g. the GGUF mark of a model loaded from .gguf
+        if not config.get("architectures"):          # absent on models loaded from .gguf; engines need it
+            config["architectures"] = [type(model).__name__]
         config["quantization_config"] = quantization_config
         config["sliderquant"] = provenance
         _write_json(os.path.join(tmp, "config.json"), config)
