@@ -116,6 +116,9 @@ def export_gguf(model, out_path, tokenizer=None, *, embed_type: str = "f16", fal
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)      # mkstemp makes the file private; an export is an ordinary file
         os.replace(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):
