@@ -5,7 +5,7 @@
 
 1. the offline assets (``assets.candidate_dirs()``: ``$SLIDERQUANT_ASSETS`` when set, else
    ``../shared/assets`` beside the checkout): ``wikitext2_test.txt`` (WikiText-2 test, for eval)
-   and ``c4_validation_2k.parquet`` (the first 2000 documents of C4 English validation shard 0);
+   and ``c4_validation_2k.parquet`` (an excerpt of 2000 documents of C4 English validation);
 2. the Hugging Face hub through ``datasets.load_dataset`` (kept in the normal HF cache), loaded
    as the GPTQ reference loads it: WikiText-2 ``wikitext/wikitext-2-raw-v1`` (test for eval, train
    for calibration) joined with ``"\\n\\n"``; C4 ``allenai/c4`` validation shard 0; PTB
@@ -15,7 +15,9 @@
    calibration, the LAMBADA passages (book text) for evaluation, joined with ``"\\n\\n"``.
 
 C4 keeps its documents apart (windows are drawn inside one document): documents 0-999 for
-calibration, 1000-1999 for evaluation, from the excerpt and from the hub alike.  A fallback text
+calibration, 1000-1999 for evaluation, from the excerpt and from the hub alike (the same protocol;
+the excerpt is not known to be the first 2000 documents of shard 0, so the two may hold other
+documents and give other numbers: the source names which one was used).  A fallback text
 is *another* text, so it carries its own name (``boolq-passages``, ``lambada-passages``) and
 ``Text.source`` says what it stands in for and why: a table built from it can never be read as
 WikiText-2 or C4 numbers.  Each step that is passed over is logged with its reason.
