@@ -72,3 +72,20 @@ def test_kernels_quick_rows_for_the_autocast_dtype_pair():
         assert r["c_ms"] > 0 and r["eager_ms"] > 0 and r["speedup"] == pytest.approx(r["eager_ms"] / r["c_ms"])
     fwd = next(r for r in weight if r["kernel"] == "weight_fwd")
     assert fwd["gbps"] == pytest.approx(1024 * 1024 * 6 / fwd["c_ms"] / 1e6)   # 4 bytes in, 2 bytes out
+
+
+def test_threads_rows_and_no_busy_loop_left_behind():
+    """``bench threads`` (smallest run): a row per config, load state and loop; busy loops are ended."""
+    import subprocess
+    from sliderquant import bench_threads
+    require_c()
+    configs = (bench_threads.CONFIGS[1],)                        # passive only
+    before = set(subprocess.run(["pgrep", "-f", "while time.time"], capture_output=True, text=True).stdout.split())
+    rows = bench_threads.bench_threads(calls=2, threads=1, load=1, reps=1, load_seconds=60, configs=configs)
+    after = set(subprocess.run(["pgrep", "-f", "while time.time"], capture_output=True, text=True).stdout.split())
+    assert after <= before
+    assert sorted((r["state"], r["loop"]) for r in rows) == [("loaded", "kernel"), ("loaded", "matmul"),
+                                                           ("quiet", "kernel"), ("quiet", "matmul")]
+    for r in rows:
+        assert r["config"] == "passive" and len(r["times"]) == 1 and r["median_s"] > 0
+        assert r["load_processes"] == (1 if r["state"] == "loaded" else 0) and len(r["loadavg"][0]) == 3
