@@ -6,7 +6,7 @@ Tolerances, and why:
   to fp16, so each weight may differ from ours by at most ``|q| * |fp16(s) - s| + |fp16(s*z) - s*z|``
   (Q4_1) or ``|q - z| * |fp16(s) - s|`` (Q4_0, Q8_0, which store q - z) (computed here with numpy's own fp16 rounding, per element) plus a float32 ulp.
 * transformers dequantizes with gguf-py and computes in fp32: its logits differ from ours only through
-  the fp16 rounding of the weights; measured max |dlogit| 0.019 on stories260K (logits up to 17) and
+  the fp16 rounding of the weights; measured max |dlogit| 0.021 on stories260K (logits up to 17) and
   SMOLLM_TF_TOL below on SmolLM2; tolerances are about 5x the measurement.
 * llama.cpp multiplies Q4_0/Q4_1 weights by activations it quantizes to 8 bits per 32 values (Q8_0/Q8_1
   dot products) and F16 weights by fp16 activations, so its logits move more: we bound the max |dlogit|
@@ -33,8 +33,8 @@ from conftest import require_asset
 from test_models import tiny_model
 
 
-STORIES_TF_TOL = 0.1       # measured 0.019
-STORIES_LLAMA_TOL = 0.6    # measured 0.165 (Q4_1 x Q8_1 dot products, F32 down_proj)
+STORIES_TF_TOL = 0.1       # measured 0.021 (F16 down_proj)
+STORIES_LLAMA_TOL = 0.6    # measured 0.180, argmax agreement 0.979 (Q4_1 x Q8_1 dot products, F16 down_proj)
 # SmolLM2-135M on the first 128 tokens of WikiText-2 (logits up to ~55), measured W4 g64 / W4 g32 / W2 g64
 # (W2 on the first 6 layers, see test_smollm2_w2_g64):
 SMOLLM_TF_TOL = 0.5        # transformers max |dlogit|: 0.125 / 0.064 / 0.127
