@@ -101,6 +101,9 @@ typedef struct {
     sq_aq_backward_fn aq_backward;
 } sq_kernel_table;
 
+/* The packed low-bit matmul (y = x W^T from 2/3/4/8-bit codes) has its layout and API in
+ * sq_packed.h; dispatch.c picks its kernels with sq_pk_kernel(). */
+
 /* dispatch.c */
 const sq_kernel_table *sq_kernels_ref(void);
 const sq_kernel_table *sq_kernels_avx2(void); /* NULL when the CPU lacks AVX2/FMA */
