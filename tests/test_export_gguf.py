@@ -206,6 +206,19 @@ def test_tiny_llama_every_mapping_read_by_transformers(tmp_path, bits, group, sy
     assert diff < 1e-2, diff          # tiny random model: logits ~0.1, weights differ by fp16 rounding only
 
 
+def test_tiny_mistral_exports_as_llama(tmp_path):
+    """Mistral is a Llama graph to llama.cpp (architecture 'llama'); transformers reads it back as one."""
+    model = tiny_model("mistral")
+    sliderquant.quantize(model, {"method": "rtn", "wbits": 4, "group_size": 32}, None)
+    path = str(tmp_path / "mistral.gguf")
+    assert export_gguf(model, path, embed_type="f32")["architecture"] == "llama"
+    read = transformers_model(path)
+    assert type(read).__name__ == "LlamaForCausalLM"
+    assert_weights_within_fp16(model, read)
+    ids = torch.arange(1, 40) % 96
+    assert np.abs(logits_of(read, ids) - logits_of(model, ids)).max() < 1e-2    # measured 5e-4
+
+
 def test_provenance_metadata(tmp_path):
     model = _tiny_quantized(4, 32)
     path = str(tmp_path / "m.gguf")

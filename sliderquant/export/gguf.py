@@ -96,6 +96,9 @@ def export_gguf(model, out_path, tokenizer=None, *, embed_type: str = "f16", fal
         raise GGUFExportError(f"export_gguf: {wbits}-bit codes cannot be written as GGUF blocks (2..8 bits)")
     arch, hp = _hyperparameters(model)
     warnings: list[str] = []
+    if hp["sliding_window"] and hp["sliding_window"] < hp["context_length"]:
+        warnings.append(f"sliding_window={hp['sliding_window']} is not written: llama.cpp's Llama graph attends "
+                        f"over the whole context, the same as the model up to {hp['sliding_window']} tokens")
     vocab = _vocabulary(tokenizer, hp["vocab_size"], tokenizer_pre, warnings)
     tensors = _tensors(model, state, hp, embed_type, fallback_type, low_bits, strict, warnings)
     for w in warnings:
@@ -168,7 +171,9 @@ def _hyperparameters(model) -> tuple[str, dict]:
 
 def _model_name(model) -> str:
     c = model.config
-    return str(getattr(c, "_name_or_path", "") or getattr(c, "name_or_path", "") or c.model_type)
+    # not the model type: transformers' GGUF loader reads a "mistral" in general.name as a request for a
+    # "mistral" gguf-py architecture, which does not exist (llama.cpp reads the file either way)
+    return str(getattr(c, "_name_or_path", "") or getattr(c, "name_or_path", "") or "sliderquant export")
 
 
 def permute_rows(a: np.ndarray, n_head: int) -> np.ndarray:
