@@ -2,7 +2,7 @@
  * sq_kernels.h: the C API of the sliderquant kernels.
  *
  * Plain C11 over raw pointers.  No Python, no torch.  Every kernel returns an sq_status.
- * The math is ALGORITHM.md section 3 and sliderquant/reference.py; *_ref.c is the source of
+ * The math is docs/algorithm.md section 4 and sliderquant/reference.py; *_ref.c is the source of
  * truth, *_avx2.c computes the same with AVX2/FMA (same signatures, _avx2 suffix).
  *
  * Weight fake quantization, one row i of W (rows x cols), groups of `group` columns:

@@ -1,7 +1,7 @@
 """Autograd-aware fake-quantization ops over the C kernels (``sliderquant._C``).
 
 ``fake_quant_weight`` and ``fake_quant_act`` compute exactly the functions of
-:mod:`sliderquant.reference` (ALGORITHM.md section 3).  CPU tensors go through the fused C kernels,
+:mod:`sliderquant.reference` (docs/algorithm.md section 4).  CPU tensors go through the fused C kernels,
 registered as ``torch.library`` custom ops (``sliderquant::fake_quant_weight`` and friends) so that
 they compose with autograd and ``torch.compile``; CUDA tensors, and machines where the extension
 did not build, use the pure-torch reference.
@@ -291,7 +291,7 @@ def fake_quant_weight(w: Tensor, bits: int, group_size: Optional[int] = None, sy
             master weight fake-quantized straight to bf16 saves a cast of the result on the way in
             and of its gradient on the way out; the values are those of ``.to(out_dtype)``.
 
-    Differentiable in ``w`` and every parameter (straight-through rounding, ALGORITHM.md section 3).
+    Differentiable in ``w`` and every parameter (straight-through rounding, docs/algorithm.md section 4.3).
     """
     bits = check_bits(bits)
     w = _check_data(w, "w", 2)
