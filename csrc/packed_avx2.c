@@ -1,7 +1,8 @@
 /*
  * packed_avx2.c: sq_pk_matmul_ref with AVX2/FMA.  A row block is two halves of 8 rows (one ymm
- * each); each field is one AND (or shift) and one convert feeding one FMA per token of the token
- * block (up to 4 tokens share each unpacked field).  Same products and order as the reference.
+ * each).  bits = 4, 8: each field is one AND (or shift) and one convert feeding one FMA per token
+ * of the token block (up to 4 tokens share each unpacked field).  bits = 2, 3 (bit planes): one
+ * table load and one FMA per plane, column and 8 rows.  Same sums and order as the reference.
  */
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma")
@@ -37,17 +38,10 @@ SQ_INLINE void half_block256(const int bits, const int tb, const uint32_t *qrb, 
         for (int t = 0; t < tb; ++t) acc[t] = _mm256_setzero_ps();
         for (int64_t u = g * upg; u < (g + 1) * upg; ++u) {
             const uint32_t *w = qrb + u * bits * SQ_PK_ROWS;
-            if (bits == 3) {
-                const float *xu = xs + u * 64;
-                word_fma256(LOADW(w), 2, 16, xu, xstride, tb, acc);
-                word_fma256(LOADW(w + SQ_PK_ROWS), 2, 16, xu + 16, xstride, tb, acc);
-                word_fma256(LOADW(w + 2 * SQ_PK_ROWS), 1, 32, xu + 32, xstride, tb, acc);
-            } else {
-                const int cpw = 32 / bits;
-                const float *xu = xs + u * SQ_PK_UNIT;
-                for (int j = 0; j < bits; ++j)
-                    word_fma256(LOADW(w + j * SQ_PK_ROWS), bits, cpw, xu + j * cpw, xstride, tb, acc);
-            }
+            const int cpw = 32 / bits;
+            const float *xu = xs + u * SQ_PK_UNIT;
+            for (int j = 0; j < bits; ++j)
+                word_fma256(LOADW(w + j * SQ_PK_ROWS), bits, cpw, xu + j * cpw, xstride, tb, acc);
         }
         const __m256 s = _mm256_loadu_ps(smrb + g * 2 * SQ_PK_ROWS);
         const __m256 m = _mm256_loadu_ps(smrb + g * 2 * SQ_PK_ROWS + SQ_PK_ROWS);
@@ -59,6 +53,48 @@ SQ_INLINE void half_block256(const int bits, const int tb, const uint32_t *qrb, 
     for (int t = 0; t < tb; ++t) _mm256_storeu_ps(out + t * SQ_PK_ROWS, total[t]);
 }
 
+/* bits = 2, 3: rows 8h .. 8h + 7 of a row block, one token, from bit planes.  A plane's mask byte
+ * for the 8 rows indexes lut (256 x 8 floats 0 / 1), and fma(bit, x, acc) adds x or +-0 exactly as
+ * the reference's conditional add (a partial sum is never -0) */
+SQ_INLINE void half_planes256(const int bits, const int h, const uint32_t *qrb, const float *smrb, int64_t G,
+                              int64_t upg, const float *xs, const float *xsum, const float (*lut)[HALF],
+                              float *out) {
+    __m256 total = _mm256_setzero_ps(), acc[3][SQ_PK_CHAINS];
+    for (int64_t g = 0; g < G; ++g) {
+        for (int b = 0; b < bits; ++b)
+            for (int s = 0; s < SQ_PK_CHAINS; ++s) acc[b][s] = _mm256_setzero_ps();
+        for (int64_t u = g * upg; u < (g + 1) * upg; ++u) {
+            const uint8_t *m = (const uint8_t *)(qrb + u * bits * SQ_PK_ROWS) + h; /* little-endian halves */
+            const float *xu = xs + u * SQ_PK_UNIT;
+#pragma GCC unroll 32
+            for (int c = 0; c < SQ_PK_UNIT; ++c) {
+                const __m256 xb = _mm256_broadcast_ss(xu + c);
+                for (int b = 0; b < bits; ++b)
+                    acc[b][c % SQ_PK_CHAINS] = _mm256_fmadd_ps(_mm256_loadu_ps(lut[m[2 * (b * SQ_PK_UNIT + c)]]), xb,
+                                                               acc[b][c % SQ_PK_CHAINS]);
+            }
+        }
+        __m256 dot = _mm256_setzero_ps();
+        for (int b = 0; b < bits; ++b) {
+            const __m256 ps = _mm256_add_ps(_mm256_add_ps(acc[b][0], acc[b][1]), _mm256_add_ps(acc[b][2], acc[b][3]));
+            dot = _mm256_fmadd_ps(_mm256_set1_ps(sq_pk_pow2(b)), ps, dot);
+        }
+        total = _mm256_fmadd_ps(dot, _mm256_loadu_ps(smrb + g * 2 * SQ_PK_ROWS + h * HALF), total);
+        total = _mm256_fmadd_ps(_mm256_loadu_ps(smrb + g * 2 * SQ_PK_ROWS + SQ_PK_ROWS + h * HALF),
+                                _mm256_broadcast_ss(xsum + g), total);
+    }
+    _mm256_storeu_ps(out + h * HALF, total);
+}
+
+static void hbp256_2(int h, const uint32_t *q, const float *sm, int64_t G, int64_t upg, const float *xs,
+                     const float *xsum, const float (*lut)[HALF], float *out) {
+    half_planes256(2, h, q, sm, G, upg, xs, xsum, lut, out);
+}
+static void hbp256_3(int h, const uint32_t *q, const float *sm, int64_t G, int64_t upg, const float *xs,
+                     const float *xsum, const float (*lut)[HALF], float *out) {
+    half_planes256(3, h, q, sm, G, upg, xs, xsum, lut, out);
+}
+
 typedef void (*half_fn)(const uint32_t *, const float *, int64_t, int64_t, const float *, int64_t, const float *,
                         float *);
 
@@ -68,12 +104,10 @@ typedef void (*half_fn)(const uint32_t *, const float *, int64_t, int64_t, const
         half_block256(B, TB, q, sm, G, upg, xs, xstride, xsum, out);                                                \
     }
 #define DEF_BITS(B) DEF_HB(B, 1) DEF_HB(B, 2) DEF_HB(B, 3) DEF_HB(B, 4)
-DEF_BITS(2)
-DEF_BITS(3)
 DEF_BITS(4)
 DEF_BITS(8)
 #define HALF_FNS(B) {hb256_##B##_1, hb256_##B##_2, hb256_##B##_3, hb256_##B##_4}
-static const half_fn fns[4][TB_MAX] = {HALF_FNS(2), HALF_FNS(3), HALF_FNS(4), HALF_FNS(8)};
+static const half_fn fns[2][TB_MAX] = {HALF_FNS(4), HALF_FNS(8)};
 
 static void store_rows(void *y, sq_dtype dt, int64_t base, int64_t n, const float *v) {
     if (dt == SQ_F32) {
@@ -97,7 +131,11 @@ int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const floa
         free(xsum);
         return SQ_ERR_NOMEM;
     }
-    const half_fn *fn = fns[p->bits == 2 ? 0 : p->bits == 3 ? 1 : p->bits == 4 ? 2 : 3];
+    const int planar = sq_pk_planar(p->bits);
+    const half_fn *fn = fns[p->bits == 4 ? 0 : 1];
+    float lut[256][HALF]; /* bits of a mask byte as floats, for the plane kernels */
+    for (int i = 0; i < 256; ++i)
+        for (int r = 0; r < HALF; ++r) lut[i][r] = (float)((i >> r) & 1);
     const int nt = sq_threads(p->nthreads, NB > T ? NB : T);
     /* a few tokens (decode) are prepared serially: a barrier costs more than K elements; the row
      * blocks go in small dynamic chunks so a thread the OS preempts does not hold up the others */
@@ -116,6 +154,15 @@ int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const floa
             const int64_t r0 = rb * SQ_PK_ROWS, nr = N - r0 < SQ_PK_ROWS ? N - r0 : SQ_PK_ROWS;
             const uint32_t *q = qweight + rb * NU * p->bits * SQ_PK_ROWS;
             const float *sm = scale_min + rb * G * 2 * SQ_PK_ROWS;
+            if (planar) {
+                for (int64_t t = 0; t < T; ++t) {
+                    for (int h = 0; h < (nr > HALF ? 2 : 1); ++h)
+                        (p->bits == 2 ? hbp256_2 : hbp256_3)(h, q, sm, G, upg, xs + t * XL, xsum + t * G,
+                                                             (const float(*)[HALF])lut, out);
+                    store_rows(y, p->y_dtype, t * N + r0, nr, out);
+                }
+                continue;
+            }
             for (int64_t t0 = 0; t0 < T; t0 += TB_MAX) {
                 const int tb = (int)(T - t0 < TB_MAX ? T - t0 : TB_MAX);
                 for (int h = 0; h < (nr > HALF ? 2 : 1); ++h)

@@ -1,7 +1,7 @@
 /*
  * packed_ref.c: y = x W^T with W in the packed low-bit layout of sq_packed.h, the scalar reference.
- * The source of truth: each code is decoded on its own and added with one fmaf in the storage
- * order that sq_packed.h states, so the SIMD twins agree with it bit for bit on finite inputs.
+ * The source of truth: each code (bits = 4, 8) or code bit (bits = 2, 3)
+ * is decoded on its own and summed in the order that sq_packed.h states, so the SIMD twins agree with it bit for bit on finite inputs.
  */
 #include <math.h>
 
@@ -15,17 +15,8 @@ static void store_y(void *y, sq_dtype dt, int64_t idx, float v) {
         ((uint16_t *)y)[idx] = sq_f32_to_bf16(v);
 }
 
-/* sum over one unit of one row: codes times x in storage order */
+/* sum over one unit of one row (bits = 4, 8): codes times x in storage order */
 static float unit_dot_ref(const uint32_t *words, int lane, int bits, const float *xu, float acc) {
-    if (bits == 3) {
-        for (int j = 0; j < 2; ++j) {
-            const uint32_t w = words[j * SQ_PK_ROWS + lane];
-            for (int c = 0; c < 16; ++c) acc = fmaf((float)((w >> (2 * c)) & 3u), xu[j * 16 + c], acc);
-        }
-        const uint32_t w = words[2 * SQ_PK_ROWS + lane];
-        for (int c = 0; c < 32; ++c) acc = fmaf((float)((w >> c) & 1u), 4.0f * xu[c], acc);
-        return acc;
-    }
     const int cpw = 32 / bits;
     const uint32_t mask = (1u << bits) - 1u;
     for (int j = 0; j < bits; ++j) {
@@ -33,6 +24,20 @@ static float unit_dot_ref(const uint32_t *words, int lane, int bits, const float
         for (int c = 0; c < cpw; ++c) acc = fmaf((float)((w >> (bits * c)) & mask), xu[j * cpw + c], acc);
     }
     return acc;
+}
+
+/* one group of one row (bits = 2, 3: bit planes): the partial sums of sq_packed.h */
+static float group_dot_planes_ref(const uint32_t *qrb, int lane, int bits, int64_t u0, int64_t upg, const float *xg) {
+    float acc[3][SQ_PK_CHAINS] = {{0.0f}};
+    for (int64_t u = 0; u < upg; ++u) {
+        const uint16_t *m = (const uint16_t *)(qrb + (u0 + u) * bits * SQ_PK_ROWS);
+        for (int c = 0; c < SQ_PK_UNIT; ++c)
+            for (int b = 0; b < bits; ++b)
+                if ((m[b * SQ_PK_UNIT + c] >> lane) & 1u) acc[b][c % SQ_PK_CHAINS] += xg[u * SQ_PK_UNIT + c];
+    }
+    float dot = 0.0f;
+    for (int b = 0; b < bits; ++b) dot = fmaf(sq_pk_pow2(b), (acc[b][0] + acc[b][1]) + (acc[b][2] + acc[b][3]), dot);
+    return dot;
 }
 
 int sq_pk_matmul_ref(const sq_pk_params *p, const uint32_t *qweight, const float *scale_min, const void *x,
@@ -62,9 +67,13 @@ int sq_pk_matmul_ref(const sq_pk_params *p, const uint32_t *qweight, const float
             float total = 0.0f;
             for (int64_t g = 0; g < G; ++g) {
                 float acc = 0.0f;
-                for (int64_t u = g * upg; u < (g + 1) * upg; ++u)
-                    acc = unit_dot_ref(qweight + (rb * NU + u) * p->bits * SQ_PK_ROWS, lane, p->bits,
-                                       xf + t * K + u * SQ_PK_UNIT, acc);
+                if (sq_pk_planar(p->bits))
+                    acc = group_dot_planes_ref(qweight + rb * NU * p->bits * SQ_PK_ROWS, lane, p->bits, g * upg, upg,
+                                               xf + t * K + g * p->group);
+                else
+                    for (int64_t u = g * upg; u < (g + 1) * upg; ++u)
+                        acc = unit_dot_ref(qweight + (rb * NU + u) * p->bits * SQ_PK_ROWS, lane, p->bits,
+                                           xf + t * K + u * SQ_PK_UNIT, acc);
                 const float *sm = scale_min + (rb * G + g) * 2 * SQ_PK_ROWS;
                 total = fmaf(acc, sm[lane], total);
                 total = fmaf(sm[SQ_PK_ROWS + lane], xsum[t * G + g], total);

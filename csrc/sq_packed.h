@@ -14,19 +14,27 @@
  *     group size a multiple of 32 that divides K (per-channel: group = K), so no unit straddles a group;
  *   - qweight is uint32 [n_row_blocks][K / 32][bits][16]: one unit of one row block is `bits` words
  *     per row, and the 16 rows' words of one word index are adjacent (one zmm / two ymm loads);
- *   - inside a unit, for bits = 2, 4, 8: word j holds columns j*cpw .. j*cpw + cpw - 1 (cpw = 32/bits),
+ *   - inside a unit, for bits = 4, 8: word j holds columns j*cpw .. j*cpw + cpw - 1 (cpw = 32/bits),
  *     column j*cpw + c in bits [bits*c, bits*c + bits) (little end first);
- *     bits = 3 is a 2-bit plane plus a 1-bit plane: words 0 and 1 hold the low two bits of columns
- *     0..15 and 16..31 as for bits = 2, word 2 holds bit 2 of column c in bit c (q = lo + 4 hi);
+ *   - bits = 2 and 3 are bit planes: the unit's words, read as uint16 [bits][32] (little-endian
+ *     halves: element 2i is the low half of word i), hold in element [b][c] bit b of the codes of
+ *     the block's 16 rows at column c, row i in bit i (an AVX-512 mask register per plane and column);
  *   - scale_min is float32 [n_row_blocks][n_groups][2][16]: the 16 rows' scales, then their mins.
  *
- * Summation order, shared by every ISA so that they agree bit for bit on finite inputs: for each
- * row and token, per group an fp32 accumulator runs over the group's units, words and fields in
- * storage order with one fused multiply-add per code (for bits = 3: the low-plane words of the
- * unit, then the high plane, each bit as (4 hi) * x); then total = fma(acc, scale, total) and
- * total = fma(min, xsum_g, total), groups in order.  The SIMD kernels multiply the masked field
- * (q * 2^offset, exact) by x * 2^-offset (exact unless |x| < ~2^-96 underflows), so their products
- * equal the reference's q * x.  NaN and Inf in x propagate as in a float matmul (not checked).
+ * Summation order, shared by every ISA so that they agree bit for bit on finite inputs; per row
+ * and token, per group:
+ *   - bits = 4, 8: an fp32 accumulator runs over the group's units, words and fields in storage
+ *     order with one fused multiply-add per code; the SIMD kernels multiply the masked field
+ *     (q * 2^offset, exact) by x * 2^-offset (exact unless |x| < ~2^-96 underflows), so their
+ *     products equal the reference's q * x;
+ *   - bits = 2, 3 (planes): SQ_PK_CHAINS = 4 fp32 partial sums per plane b, acc[b][k % 4], each
+ *     adds x[k] for the columns k of the group, in order, whose code has bit b set (k % 4 counts
+ *     from the group's first column; planes in order inside a column); then per plane
+ *     ps_b = (acc[b][0] + acc[b][1]) + (acc[b][2] + acc[b][3]) and acc = fma(2^b, ps_b, acc) for
+ *     b = 0, 1, ... from acc = 0: no multiply per code, bits adds per column and 16 rows;
+ * then total = fma(acc, scale, total) and total = fma(min, xsum_g, total), groups in order.
+ * NaN and Inf in x propagate as in a float matmul (not checked; the plane kernels of AVX2 multiply
+ * x by 0 for a clear bit, so there an Inf x may give NaN where the others skip it).
  */
 #ifndef SQ_PACKED_H
 #define SQ_PACKED_H
@@ -38,6 +46,9 @@
 
 #define SQ_PK_ROWS 16
 #define SQ_PK_UNIT 32
+#define SQ_PK_CHAINS 4 /* partial sums per plane (bits = 2, 3) */
+
+static inline int sq_pk_planar(int bits) { return bits == 2 || bits == 3; }
 
 _Static_assert(SQ_PK_ROWS * sizeof(uint32_t) == 64, "a row block's word is one 64-byte zmm / cache line");
 _Static_assert(SQ_PK_UNIT == 8 * sizeof(uint32_t), "a unit is 32 columns: bits words of 32 bits per row");
@@ -84,8 +95,8 @@ static inline int sq_pk_check(const sq_pk_params *p) {
     return SQ_OK;
 }
 
-/* floats of scaled x per token: one per column, two for bits = 3 (low plane, high plane) */
-static inline int64_t sq_pk_xs_len(const sq_pk_params *p) { return p->bits == 3 ? 2 * p->cols : p->cols; }
+/* floats of (scaled) x per token: one per column */
+static inline int64_t sq_pk_xs_len(const sq_pk_params *p) { return p->cols; }
 
 static inline float sq_pk_x(const void *x, sq_dtype dt, int64_t idx) {
     if (dt == SQ_F32) return ((const float *)x)[idx];
@@ -104,10 +115,10 @@ static inline float sq_pk_pow2(int e) {
 }
 
 /*
- * Per token: xsum[g] (sequential fp32 sums over each group) and, when xs is not NULL, x scaled for
- * the SIMD field extraction: a field at bit offset o extracted by masking is q * 2^o, so its x is
- * multiplied by 2^-o; the top field of a word is extracted by a shift and keeps x (times 4 for the
- * high plane of bits = 3).  For bits = 3, xs holds per unit 32 low-plane then 32 high-plane values.
+ * Per token: xsum[g] (sequential fp32 sums over each group) and, when xs is not NULL, x as fp32,
+ * for bits = 4, 8 scaled for the SIMD field extraction: a field at bit offset o extracted by
+ * masking is q * 2^o, so its x is multiplied by 2^-o; the top field of a word is extracted by a
+ * shift and keeps x.  The plane kernels (bits = 2, 3) read x as it is.
  */
 static inline void sq_pk_prepare_token(const sq_pk_params *p, const void *x, int64_t t, float *xs, float *xsum) {
     const int64_t K = p->cols, G = K / p->group;
@@ -118,18 +129,11 @@ static inline void sq_pk_prepare_token(const sq_pk_params *p, const void *x, int
         xsum[g] = s;
     }
     if (!xs) return;
-    const int lo_bits = p->bits == 3 ? 2 : p->bits, cpw = 32 / lo_bits;
+    const int cpw = 32 / p->bits;
     for (int64_t k = 0; k < K; ++k) {
         const float v = sq_pk_x(x, p->x_dtype, base + k);
         const int c = (int)(k % cpw);
-        const float f = c == cpw - 1 ? 1.0f : sq_pk_pow2(-lo_bits * c);
-        if (p->bits == 3) {
-            const int64_t u = k / SQ_PK_UNIT, cu = k % SQ_PK_UNIT;
-            xs[u * 64 + cu] = v * f;
-            xs[u * 64 + 32 + cu] = v * (cu == 31 ? 4.0f : sq_pk_pow2(2 - (int)cu));
-        } else {
-            xs[k] = v * f;
-        }
+        xs[k] = sq_pk_planar(p->bits) || c == cpw - 1 ? v : v * sq_pk_pow2(-p->bits * c);
     }
 }
 

@@ -6,8 +6,9 @@ input columns, and ``W = (q - zero) * scale``.  Packed, the C kernels (``csrc/pa
     y[t, r] = sum_g  scale[r,g] * sum_{k in g} q[r,k] x[t,k]  +  min[r,g] * sum_{k in g} x[t,k]
 
 with ``min = -scale * zero`` and the group sums of ``x`` computed once per call.  The layout (rows
-in blocks of 16 so one zmm holds a block, columns in units of 32, a 3-bit code as a 2-bit plane plus
-a 1-bit plane) is written down once in ``csrc/sq_packed.h``; :func:`pack_codes` writes it and
+in blocks of 16 so one zmm holds a block, columns in units of 32; 4- and 8-bit codes as fields of
+32-bit words, 2- and 3-bit codes as bit planes, one 16-bit row mask per plane and column) is written
+down once in ``csrc/sq_packed.h``; :func:`pack_codes` writes it and
 :func:`unpack_codes` reads it back.  Symmetric codes are stored shifted by ``2^(bits-1)`` (zero
 becomes ``2^(bits-1)``), 5- to 7-bit codes in 8-bit containers.
 
@@ -16,7 +17,9 @@ becomes ``2^(bits-1)``), 5- to 7-bit codes in 8-bit containers.
 ``load_packed(dir)`` does both.  Memory of a packed linear: ``bits / 16`` of its bf16 weight plus
 8 bytes per row and group (fp32 scale and min).
 
-Accuracy: the kernels sum in fp32 (one FMA per code, per group, then ``scale`` and ``min``), so they
+Accuracy: the kernels sum in fp32 (per group: one FMA per code for 4 and 8 bits; for 2 and 3 bits,
+per plane four partial sums of the ``x`` whose code has that bit set, combined as ``sum_b 2^b``;
+then ``scale`` and ``min``), so they
 differ from a float64 ``x @ dequantize(...).T`` by at most about ``K * eps32 * sum |x| (|q| + |zero|) |scale|``
 per output; the reference and the AVX2 / AVX-512 kernels agree bit for bit.  NaN and Inf in ``x``
 propagate as in a float matmul (they are not checked: a decode loop cannot afford a scan per call).
@@ -70,29 +73,35 @@ def pack_codes(q: Tensor, bits: int) -> Tensor:
     if nb * ROWS != rows:
         q = torch.cat([q, q.new_zeros(nb * ROWS - rows, cols)])
 
+    if bits in (2, 3):  # bit planes: uint16 [nb][nu][bits][32], row i of the block in bit i
+        v = q.reshape(nb, ROWS, nu, UNIT)
+        planes = torch.stack([(v >> b) & 1 for b in range(bits)], dim=3)  # (nb, 16, nu, bits, 32)
+        m = (planes << torch.arange(ROWS).view(1, ROWS, 1, 1, 1)).sum(1)  # (nb, nu, bits, 32)
+        m = torch.where(m >= 2 ** 15, m - 2 ** 16, m).to(torch.int16).contiguous()
+        return m.view(torch.int32).reshape(nb, nu, bits, ROWS)
+
     def words(v: Tensor, field_bits: int) -> Tensor:  # (nb, 16, nu, words, fields) -> OR of shifted fields
         per_word = 32 // field_bits
         v = v.reshape(nb, ROWS, nu, UNIT // per_word, per_word)
         return (v << (field_bits * torch.arange(per_word))).sum(-1)
 
-    w = torch.cat([words(q & 3, 2), words(q >> 2, 1)], dim=3) if bits == 3 else words(q, bits)
-    w = w.permute(0, 2, 3, 1).contiguous()
+    w = words(q, bits).permute(0, 2, 3, 1).contiguous()
     return torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)
 
 
 def unpack_codes(qweight: Tensor, rows: int, bits: int) -> Tensor:
     """The inverse of :func:`pack_codes`: int64 codes (rows, in)."""
     nb, nu, nw, _ = qweight.shape
+    if bits in (2, 3):
+        m = qweight.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF  # (nb, nu, bits, 32)
+        rowbits = (m.unsqueeze(1) >> torch.arange(ROWS).view(1, ROWS, 1, 1, 1)) & 1  # (nb, 16, nu, bits, 32)
+        q = (rowbits << torch.arange(bits).view(1, 1, 1, bits, 1)).sum(3)
+        return q.reshape(nb * ROWS, nu * UNIT)[:rows]
     w = qweight.to(torch.int64) & 0xFFFFFFFF
     w = w.permute(0, 3, 1, 2)  # (nb, 16, nu, words)
-
-    def fields(v: Tensor, field_bits: int) -> Tensor:
-        per_word = 32 // field_bits
-        f = (v.unsqueeze(-1) >> (field_bits * torch.arange(per_word))) & (2 ** field_bits - 1)
-        return f.reshape(nb, ROWS, nu, UNIT)
-
-    q = fields(w[..., :2], 2) + 4 * fields(w[..., 2:], 1) if bits == 3 else fields(w, bits)
-    return q.reshape(nb * ROWS, nu * UNIT)[:rows]
+    per_word = 32 // bits
+    f = (w.unsqueeze(-1) >> (bits * torch.arange(per_word))) & (2 ** bits - 1)
+    return f.reshape(nb * ROWS, nu * UNIT)[:rows]
 
 
 def pack_scales(scale: Tensor, zero: Tensor) -> Tensor:

@@ -83,12 +83,19 @@ def test_pack_words_by_hand():
     q[1, 8] = 15                                   # 4-bit: row 1, word 1, field 0
     w = packed.pack_codes(q, 4)
     assert w[0, 0, 0, 0].item() == 0x76543210 and w[0, 0, 1, 1].item() == 15 and int(w.count_nonzero()) == 2
-    q3 = torch.zeros(1, 32, dtype=torch.int64)
-    q3[0, 0], q3[0, 17], q3[0, 31] = 5, 6, 7          # 3-bit: low 2 bits in words 0/1, bit 2 in word 2
+    # 2 and 3 bits: bit planes, uint16 [bits][32] per unit (row i in bit i), as int32 words of two halves
+    q3 = torch.zeros(16, 32, dtype=torch.int64)
+    q3[0, 0], q3[0, 17], q3[1, 31] = 5, 6, 7
     w3 = packed.pack_codes(q3, 3)
-    assert w3[0, 0, 0, 0].item() == 1                       # col 0: lo 01
-    assert w3[0, 0, 1, 0].item() == (2 << 2) | (3 << 30) - (1 << 32)   # cols 17 (lo 10), 31 (lo 11); int32
-    assert w3[0, 0, 2, 0].item() == (1 | 1 << 17 | 1 << 31) - (1 << 32)  # bit 2 of cols 0, 17, 31
+    assert w3.shape == (1, 1, 3, 16)
+    assert w3[0, 0, 0, 0].item() == 1 and w3[0, 0, 0, 15].item() == 2 << 16             # bit 0: col 0 row 0, col 31 row 1
+    assert w3[0, 0, 1, 8].item() == 1 << 16 and w3[0, 0, 1, 15].item() == 2 << 16       # bit 1: col 17 row 0, col 31 row 1
+    assert w3[0, 0, 2, 0].item() == 1 and w3[0, 0, 2, 8].item() == 1 << 16 and w3[0, 0, 2, 15].item() == 2 << 16
+    assert int(w3.count_nonzero()) == 7
+    q2 = torch.zeros(16, 32, dtype=torch.int64)
+    q2[15, 1] = 3                                        # row 15: the top bit of a half; col 1: the high half
+    w2 = packed.pack_codes(q2, 2)
+    assert w2[0, 0, 0, 0].item() == w2[0, 0, 1, 0].item() == -(1 << 31) and int(w2.count_nonzero()) == 2
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
