@@ -1,4 +1,4 @@
-"""Command line: ``sliderquant quantize | eval | schedule``."""
+"""Command line: ``sliderquant quantize | eval | analyze | export | schedule``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=_group_size, default=None, help="integer or 'channel'")
     q.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None)
     q.add_argument("--out", required=True, help="output directory (Hugging Face format + codes)")
+    q.add_argument("--format", default=None, choices=list(_export_formats()),
+                   help="then also export to this format (see 'sliderquant export')")
+    q.add_argument("--export-out", default=None,
+                   help="where --format writes (default: OUT-FORMAT, or OUT.gguf for gguf)")
     q.add_argument("--work-dir", default=None, help="resumable work directory")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     q.add_argument("--calib-seed", type=int, default=0,
@@ -82,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=4, help="sequences per forward")
     a.add_argument("--out", required=True, help="directory for sensitivity.csv and sensitivity.png")
     a.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    x = sub.add_parser("export", help="write a quantized model in an inference engine's format")
+    x.add_argument("--model", required=True, help="directory written by 'sliderquant quantize --out' (or save)")
+    x.add_argument("--format", required=True, choices=list(_export_formats()))
+    x.add_argument("--out", required=True, help="output directory (a .gguf file for gguf)")
 
     s = sub.add_parser("schedule", help="print the window schedule")
     s.add_argument("--layers", type=int, required=True)
@@ -147,6 +156,39 @@ def cmd_quantize(args) -> int:
             f"{rescue}: load the full-precision model again, call sliderquant.api.apply_codes(model, "
             f"{rescue!r}) and then sliderquant.save(model, DIR){again}") from e
     log.info("saved to %s", args.out)
+    if args.format:
+        from .export import export
+        out = args.export_out or _default_export_path(args.out, args.format)
+        try:
+            export(model, out, format=args.format, tokenizer=tokenizer)
+        except ValueError as e:
+            raise ValueError(f"{e} (the quantized model is saved in {args.out}; export it with "
+                             f"'sliderquant export --model {args.out} --format FORMAT --out OUT')") from None
+        log.info("exported %s to %s", args.format, out)
+    return 0
+
+
+def _export_formats():
+    from .export import FORMATS
+    return FORMATS
+
+
+def _default_export_path(out: str, fmt: str) -> str:
+    base = os.path.normpath(out)
+    return base + ".gguf" if _export_formats()[fmt][2] == "file" else f"{base}-{fmt}"
+
+
+def cmd_export(args) -> int:
+    from . import api, data
+    from .export import export
+    model = api.load(args.model)
+    try:
+        tokenizer = data.load_tokenizer(args.model)
+    except Exception as e:  # noqa: BLE001 - an export without tokenizer files is still a valid model
+        log.warning("no tokenizer in %s (%s); the export will have no tokenizer files", args.model, e)
+        tokenizer = None
+    path = export(model, args.out, format=args.format, tokenizer=tokenizer)
+    log.info("exported %s to %s", args.format, path)
     return 0
 
 
@@ -256,7 +298,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return {"quantize": cmd_quantize, "eval": cmd_eval, "schedule": cmd_schedule,
-                "analyze": cmd_analyze}[args.command](args)
+                "analyze": cmd_analyze, "export": cmd_export}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         log.error("%s", e)
         return 2

@@ -249,3 +249,30 @@ def test_failure_midway_leaves_nothing_and_keeps_earlier_export(tmp_path, monkey
     with pytest.raises(OSError, match="disk full"):
         export(model, tmp_path / "new", format="compressed-tensors")
     assert sorted(os.listdir(tmp_path)) == ["ct"]
+
+
+def test_cli_export_and_quantize_format(tmp_path):
+    from sliderquant import cli
+    model = quantized_tiny(4, 32, False)
+    sliderquant.save(model, tmp_path / "saved")
+    assert cli.main(["export", "--model", str(tmp_path / "saved"), "--format", "compressed-tensors",
+                     "--out", str(tmp_path / "ct")]) == 0
+    assert_same_logits(model, read_ct(tmp_path / "ct"), token_ids())
+    # a refusal is a clean error (non-zero exit status), and nothing is written
+    sliderquant.save(quantized_tiny(3, 32, False), tmp_path / "saved3")
+    assert cli.main(["export", "--model", str(tmp_path / "saved3"), "--format", "awq",
+                     "--out", str(tmp_path / "awq")]) != 0
+    assert not (tmp_path / "awq").exists()
+
+
+def test_cli_quantize_with_format(tmp_path):
+    from sliderquant import cli
+    src = require_asset("stories260k")
+    out = tmp_path / "q"
+    assert cli.main(["quantize", "--model", str(src), "--method", "rtn", "--wbits", "4", "--group-size",
+                     "channel", "--out", str(out), "--format", "compressed-tensors"]) == 0
+    model = sliderquant.load(out)
+    config = json.loads((tmp_path / "q-compressed-tensors" / "config.json").read_text())
+    assert config["sliderquant"]["method"] == "rtn" and config["sliderquant"]["group_size"] is None
+    assert (tmp_path / "q-compressed-tensors" / "tokenizer_config.json").exists()
+    assert_same_logits(model, read_ct(tmp_path / "q-compressed-tensors"), token_ids())
