@@ -3,4 +3,4 @@ __version__ = "0.1.0"
 from . import openmp_env  # noqa: E402,F401  (first: OMP_WAIT_POLICY must be set before torch starts OpenMP)
 from .api import load, quantize, save  # noqa: E402,F401
 from .config import QuantConfig  # noqa: E402,F401
-from .export import export  # noqa: E402,F401  (the function; the formats live in sliderquant.export.*)
+from . import export  # noqa: E402,F401  (a callable package: sliderquant.export(model, out, format=...))

@@ -193,6 +193,14 @@ def test_smollm2_rtn_g64(tmp_path, smollm2, bits):
     assert_same_logits(model, reader, ids)
 
 
+def test_verb_on_the_package(tmp_path):
+    import sliderquant.export.packing as packing      # the package stays importable as a package
+    assert callable(packing.pack_rows)
+    model = quantized_tiny()
+    assert sliderquant.export(model, tmp_path / "v", format="compressed-tensors") == str(tmp_path / "v")
+    assert (tmp_path / "v" / "model.safetensors").exists()
+
+
 def test_export_of_a_saved_and_loaded_model(tmp_path):
     model = quantized_tiny(3, 32, False)
     sliderquant.save(model, tmp_path / "saved")

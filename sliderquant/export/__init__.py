@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 # format -> (module, function, what the target is)
 FORMATS = {
@@ -41,3 +42,18 @@ def export(model, out, format: str = "compressed-tensors", tokenizer=None, **opt
     module, function, _ = FORMATS[format]
     writer = getattr(importlib.import_module(f".{module}", __name__), function)
     return writer(model, os.fspath(out), tokenizer=tokenizer, **options)
+
+
+class _CallablePackage(type(importlib)):
+    """``sliderquant.export`` is both this package and the verb: ``sliderquant.export(model, out)``.
+
+    Binding the function over the package name in ``sliderquant/__init__`` would break
+    ``import sliderquant.export.packing as p`` (that form looks the package up as an attribute), so
+    the package itself is made callable instead.
+    """
+
+    def __call__(self, model, out, format: str = "compressed-tensors", tokenizer=None, **options) -> str:
+        return export(model, out, format=format, tokenizer=tokenizer, **options)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
