@@ -23,8 +23,8 @@ from test_models import tiny_model, token_ids
 REL_TOL = 1e-5
 
 
-def quantized_tiny(bits=4, group_size=32, symmetric=False, positive_group=False):
-    model = tiny_model("llama")
+def quantized_tiny(bits=4, group_size=32, symmetric=False, positive_group=False, family="llama"):
+    model = tiny_model(family)
     if positive_group:
         # a group whose weights are all > 0: its clipped range excludes 0, so z < 0
         with torch.no_grad():
@@ -65,6 +65,14 @@ def test_reader_gives_our_logits(tmp_path, bits, group_size, symmetric):
     # the reader really dequantized our codes: its weights are ours exactly
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.2.mlp.down_proj"):
         assert torch.equal(reader.get_submodule(name).weight, model.get_submodule(name).weight)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_other_families(tmp_path, family):
+    # untied lm_head (kept dense, in ``ignore``), Qwen2's q/k/v biases, Qwen3's q/k norms
+    model = quantized_tiny(4, 32, False, family=family)
+    export(model, tmp_path / "ct", format="compressed-tensors")
+    assert_same_logits(model, read_ct(tmp_path / "ct"), token_ids())
 
 
 # group 64 on the tiny model gives two group sizes: the 64-wide inputs are per channel, the

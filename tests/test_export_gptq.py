@@ -83,6 +83,15 @@ def test_reader_gives_our_logits(tmp_path, bits, group_size, symmetric):
     check_against_reader(model, reader, token_ids(), NAMES)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_families(tmp_path, family):
+    # Qwen2's q/k/v biases travel as <module>.bias beside the packed weight; Mistral's lm_head is untied
+    model = quantized_tiny(4, 32, False, family=family)
+    export(model, tmp_path / "gptq", format="gptq")
+    reader = read_quantized(tmp_path / "gptq", gptq_config(4))
+    check_against_reader(model, reader, token_ids(), NAMES)
+
+
 def test_layout_by_hand(tmp_path):
     model = quantized_tiny(4, 32, False)
     export(model, tmp_path / "g", format="gptq")
