@@ -36,10 +36,12 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"pack_rows expects a 2-D tensor (rows, n), got shape {tuple(values.shape)}")
     if values.dtype.is_floating_point or values.dtype == torch.bool or values.is_complex():
         raise ValueError(f"pack_rows expects integer codes, got {values.dtype}")
+    if values.numel():
+        lo, hi = (int(x) for x in torch.aminmax(values))
+        if lo < 0 or hi >= 1 << bits:
+            raise ValueError(f"pack_rows: values must lie in [0, {(1 << bits) - 1}] for {bits} bits, "
+                             f"got [{lo}, {hi}]")
     v = values.to(torch.int64)
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 1 << bits):
-        raise ValueError(f"pack_rows: values must lie in [0, {(1 << bits) - 1}] for {bits} bits, "
-                         f"got [{int(v.min())}, {int(v.max())}]")
     rows, n = v.shape
     width = packed_width(n, bits)
     # 32 values of b bits fill exactly b words, so the stream is cut into such chunks and built
