@@ -76,7 +76,7 @@ SQ_INLINE void half_planes256(const int bits, const int h, const uint32_t *qrb, 
         }
         __m256 dot = _mm256_setzero_ps();
         for (int b = 0; b < bits; ++b) {
-            const __m256 ps = _mm256_add_ps(_mm256_add_ps(acc[b][0], acc[b][1]), _mm256_add_ps(acc[b][2], acc[b][3]));
+            const __m256 ps = _mm256_add_ps(acc[b][0], acc[b][1]);
             dot = _mm256_fmadd_ps(_mm256_set1_ps(sq_pk_pow2(b)), ps, dot);
         }
         total = _mm256_fmadd_ps(dot, _mm256_loadu_ps(smrb + g * 2 * SQ_PK_ROWS + h * HALF), total);

@@ -54,47 +54,74 @@ SQ_INLINE void row_block512(const int bits, const int tb, const uint32_t *qrb, c
     for (int t = 0; t < tb; ++t) _mm512_storeu_ps(out + t * SQ_PK_ROWS, total[t]);
 }
 
-/* bits = 2, 3: one row block (16 rows) times tb tokens from bit planes.  Per column, a plane's
- * 16-bit row mask goes straight from memory into a mask register and one masked add puts x into
- * that plane's partial sum: `bits` adds per column, SQ_PK_CHAINS chains per plane and token */
-SQ_INLINE void row_block_planes512(const int bits, const int tb, const uint32_t *qrb, const float *smrb, int64_t G,
-                                   int64_t upg, const float *xs, int64_t xstride, const float *xsum, float *out) {
-    __m512 total[TBP_MAX], acc[TBP_MAX][3][SQ_PK_CHAINS];
-    for (int t = 0; t < tb; ++t) total[t] = _mm512_setzero_ps();
+/* acc += x in the rows whose bit is set in the 16-bit mask at mem: kmovw from memory and one
+ * masked add (written out: GCC 12 loads the mask through a general register, a port-5 kmov) */
+#define PLANE_ADD(acc, mem, xb)                                                                                   \
+    __asm__("kmovw %[mk], %%k1\n\tvaddps %[x], %[a], %[a]%{%%k1%}" : [a] "+v"(acc) : [mk] "m"(mem), [x] "v"(xb) : "k1")
+
+/* bits = 2, 3: tb tokens times nrb row blocks (slot i = t * nrb + r into out + 16 i, at most 4 slots)
+ * from bit planes.  Per column, a plane's 16-bit row mask goes from memory into a mask register and
+ * one masked add puts x into that plane's partial sum: `bits` adds per column and 16 rows.  In
+ * decode up to four row blocks share each broadcast of x (else loads, not adds, would limit it) */
+SQ_INLINE void planes512(const int bits, const int tb, const int nrb, const uint32_t *qrb, int64_t rbq,
+                         const float *smrb, int64_t rbs, int64_t G, int64_t upg, const float *xs, int64_t xstride,
+                         const float *xsum, float *out) {
+    __m512 total[4], acc[4][3][SQ_PK_CHAINS];
+    const int n = tb * nrb;
+    for (int i = 0; i < n; ++i) total[i] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
-        for (int t = 0; t < tb; ++t)
+        for (int i = 0; i < n; ++i)
             for (int b = 0; b < bits; ++b)
-                for (int s = 0; s < SQ_PK_CHAINS; ++s) acc[t][b][s] = _mm512_setzero_ps();
-        for (int64_t u = g * upg; u < (g + 1) * upg; ++u) {
-            const uint16_t *m = (const uint16_t *)(qrb + u * bits * SQ_PK_ROWS);
-            const float *xu = xs + u * SQ_PK_UNIT;
+                for (int s = 0; s < SQ_PK_CHAINS; ++s) acc[i][b][s] = _mm512_setzero_ps();
+        const uint16_t *m0 = (const uint16_t *)(qrb + g * upg * bits * SQ_PK_ROWS), *m1 = m0 + 2 * rbq,
+                       *m2 = m1 + 2 * rbq, *m3 = m2 + 2 * rbq; /* one pointer per row block: immediate offsets */
+        const float *xu = xs + g * upg * SQ_PK_UNIT;
+        for (int64_t u = 0; u < upg; ++u) {
 #pragma GCC unroll 32
             for (int c = 0; c < SQ_PK_UNIT; ++c) {
-                __mmask16 k[3];
-                for (int b = 0; b < bits; ++b) k[b] = _load_mask16((__mmask16 *)(m + b * SQ_PK_UNIT + c));
                 for (int t = 0; t < tb; ++t) {
                     const __m512 xb = _mm512_set1_ps(xu[t * xstride + c]);
-                    for (int b = 0; b < bits; ++b)
-                        acc[t][b][c % SQ_PK_CHAINS] =
-                            _mm512_mask_add_ps(acc[t][b][c % SQ_PK_CHAINS], k[b], acc[t][b][c % SQ_PK_CHAINS], xb);
+                    for (int r = 0; r < nrb; ++r) {
+                        const uint16_t *m = r == 0 ? m0 : r == 1 ? m1 : r == 2 ? m2 : m3;
+                        for (int b = 0; b < bits; ++b)
+                            PLANE_ADD(acc[t * nrb + r][b][c % SQ_PK_CHAINS], m[b * SQ_PK_UNIT + c], xb);
+                    }
                 }
             }
+            m0 += bits * SQ_PK_UNIT, m1 += bits * SQ_PK_UNIT, m2 += bits * SQ_PK_UNIT, m3 += bits * SQ_PK_UNIT;
+            xu += SQ_PK_UNIT;
         }
-        const __m512 s = _mm512_loadu_ps(smrb + g * 2 * SQ_PK_ROWS);
-        const __m512 mn = _mm512_loadu_ps(smrb + g * 2 * SQ_PK_ROWS + SQ_PK_ROWS);
-        for (int t = 0; t < tb; ++t) {
+        for (int i = 0; i < n; ++i) {
+            const int t = i / nrb, r = i % nrb;
+            const float *sm = smrb + r * rbs + g * 2 * SQ_PK_ROWS;
             __m512 dot = _mm512_setzero_ps();
-            for (int b = 0; b < bits; ++b) {
-                const __m512 ps = _mm512_add_ps(_mm512_add_ps(acc[t][b][0], acc[t][b][1]),
-                                                _mm512_add_ps(acc[t][b][2], acc[t][b][3]));
-                dot = _mm512_fmadd_ps(_mm512_set1_ps(sq_pk_pow2(b)), ps, dot);
-            }
-            total[t] = _mm512_fmadd_ps(dot, s, total[t]);
-            total[t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xsum[t * G + g]), total[t]);
+            for (int b = 0; b < bits; ++b)
+                dot = _mm512_fmadd_ps(_mm512_set1_ps(sq_pk_pow2(b)), _mm512_add_ps(acc[i][b][0], acc[i][b][1]), dot);
+            total[i] = _mm512_fmadd_ps(dot, _mm512_loadu_ps(sm), total[i]);
+            total[i] = _mm512_fmadd_ps(_mm512_loadu_ps(sm + SQ_PK_ROWS), _mm512_set1_ps(xsum[t * G + g]), total[i]);
         }
     }
-    for (int t = 0; t < tb; ++t) _mm512_storeu_ps(out + t * SQ_PK_ROWS, total[t]);
+    for (int i = 0; i < n; ++i) _mm512_storeu_ps(out + i * SQ_PK_ROWS, total[i]);
 }
+
+typedef void (*planes_fn)(const uint32_t *, int64_t, const float *, int64_t, int64_t, int64_t, const float *,
+                          const float *, float *);
+#define DEF_PL(B, R)                                                                                               \
+    static void pl512_##B##_##R(const uint32_t *q, int64_t rbq, const float *sm, int64_t rbs, int64_t G,            \
+                                int64_t upg, const float *xs, const float *xsum, float *out) {                      \
+        planes512(B, 1, R, q, rbq, sm, rbs, G, upg, xs, 0, xsum, out);                                              \
+    }
+DEF_PL(2, 1)
+DEF_PL(2, 2)
+DEF_PL(2, 3)
+DEF_PL(2, 4)
+DEF_PL(3, 1)
+DEF_PL(3, 2)
+DEF_PL(3, 3)
+DEF_PL(3, 4)
+#define PL_RB 4 /* row blocks per call in decode */
+static const planes_fn pl_fns[2][PL_RB] = {{pl512_2_1, pl512_2_2, pl512_2_3, pl512_2_4},
+                                           {pl512_3_1, pl512_3_2, pl512_3_3, pl512_3_4}};
 
 typedef void (*row_block_fn)(const uint32_t *, const float *, int64_t, int64_t, const float *, int64_t, const float *,
                              float *);
@@ -110,7 +137,7 @@ DEF_BITS(8)
 #define DEF_RBP(B, TB)                                                                                             \
     static void rb512_##B##_##TB(const uint32_t *q, const float *sm, int64_t G, int64_t upg, const float *xs,        \
                                  int64_t xstride, const float *xsum, float *out) {                                  \
-        row_block_planes512(B, TB, q, sm, G, upg, xs, xstride, xsum, out);                                          \
+        planes512(B, TB, 1, q, 0, sm, 0, G, upg, xs, xstride, xsum, out);                                            \
     }
 DEF_RBP(2, 1)
 DEF_RBP(2, 2)
@@ -156,8 +183,19 @@ int sq_pk_matmul_avx512(const sq_pk_params *p, const uint32_t *qweight, const fl
             for (int64_t t = 0; t < T; ++t) sq_pk_prepare_token(p, x, t, xs + t * XL, xsum + t * G);
         }
         float out[TB_MAX * SQ_PK_ROWS];
+        if (sq_pk_planar(p->bits) && T == 1) { /* decode: row blocks in fours */
+            const int64_t rbq = NU * p->bits * SQ_PK_ROWS, rbs = G * 2 * SQ_PK_ROWS;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t quad = 0; quad < (NB + PL_RB - 1) / PL_RB; ++quad) {
+                const int64_t rb = PL_RB * quad, r0 = rb * SQ_PK_ROWS;
+                const int nrb = (int)(NB - rb < PL_RB ? NB - rb : PL_RB);
+                const int64_t nr = N - r0 < nrb * SQ_PK_ROWS ? N - r0 : nrb * SQ_PK_ROWS;
+                pl_fns[p->bits - 2][nrb - 1](qweight + rb * rbq, rbq, scale_min + rb * rbs, rbs, G, upg, xs, xsum, out);
+                store_rows(y, p->y_dtype, r0, nr, out);
+            }
+        }
 #pragma omp for schedule(dynamic, 4)
-        for (int64_t rb = 0; rb < NB; ++rb) {
+        for (int64_t rb = 0; rb < (sq_pk_planar(p->bits) && T == 1 ? 0 : NB); ++rb) {
             const int64_t r0 = rb * SQ_PK_ROWS, nr = N - r0 < SQ_PK_ROWS ? N - r0 : SQ_PK_ROWS;
             for (int64_t t0 = 0; t0 < T; t0 += tbmax) {
                 const int tb = (int)(T - t0 < tbmax ? T - t0 : tbmax);

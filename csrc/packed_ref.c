@@ -36,7 +36,7 @@ static float group_dot_planes_ref(const uint32_t *qrb, int lane, int bits, int64
                 if ((m[b * SQ_PK_UNIT + c] >> lane) & 1u) acc[b][c % SQ_PK_CHAINS] += xg[u * SQ_PK_UNIT + c];
     }
     float dot = 0.0f;
-    for (int b = 0; b < bits; ++b) dot = fmaf(sq_pk_pow2(b), (acc[b][0] + acc[b][1]) + (acc[b][2] + acc[b][3]), dot);
+    for (int b = 0; b < bits; ++b) dot = fmaf(sq_pk_pow2(b), acc[b][0] + acc[b][1], dot);
     return dot;
 }
 

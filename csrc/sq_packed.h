@@ -27,10 +27,10 @@
  *     order with one fused multiply-add per code; the SIMD kernels multiply the masked field
  *     (q * 2^offset, exact) by x * 2^-offset (exact unless |x| < ~2^-96 underflows), so their
  *     products equal the reference's q * x;
- *   - bits = 2, 3 (planes): SQ_PK_CHAINS = 4 fp32 partial sums per plane b, acc[b][k % 4], each
- *     adds x[k] for the columns k of the group, in order, whose code has bit b set (k % 4 counts
+ *   - bits = 2, 3 (planes): SQ_PK_CHAINS = 2 fp32 partial sums per plane b, acc[b][k % 2], each
+ *     adds x[k] for the columns k of the group, in order, whose code has bit b set (k % 2 counts
  *     from the group's first column; planes in order inside a column); then per plane
- *     ps_b = (acc[b][0] + acc[b][1]) + (acc[b][2] + acc[b][3]) and acc = fma(2^b, ps_b, acc) for
+ *     ps_b = acc[b][0] + acc[b][1] and acc = fma(2^b, ps_b, acc) for
  *     b = 0, 1, ... from acc = 0: no multiply per code, bits adds per column and 16 rows;
  * then total = fma(acc, scale, total) and total = fma(min, xsum_g, total), groups in order.
  * NaN and Inf in x propagate as in a float matmul (not checked; the plane kernels of AVX2 multiply
@@ -46,7 +46,7 @@
 
 #define SQ_PK_ROWS 16
 #define SQ_PK_UNIT 32
-#define SQ_PK_CHAINS 4 /* partial sums per plane (bits = 2, 3) */
+#define SQ_PK_CHAINS 2 /* partial sums per plane (bits = 2, 3) */
 
 static inline int sq_pk_planar(int bits) { return bits == 2 || bits == 3; }
 
