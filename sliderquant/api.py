@@ -115,11 +115,13 @@ def write_codes(model: nn.Module, directory) -> None:
             lambda p: open(p, "w", encoding="utf-8").write(json.dumps(meta, indent=1)))
 
 
-def load(directory, **from_pretrained_kwargs) -> nn.Module:
+def load(directory, packed: bool = False, **from_pretrained_kwargs) -> nn.Module:
     """Load a directory written by ``save``: the HF model with ``sliderquant_state`` attached.
 
     Checks that the metadata, the codes and the weights agree exactly; a corrupt, partial or
-    mismatched directory raises ``ValueError`` saying which file is wrong.
+    mismatched directory raises ``ValueError`` saying which file is wrong.  ``packed=True``
+    returns ``sliderquant.packed.pack_model(model)``: the quantized linears become
+    ``PackedLinear`` modules that run from their 2-8-bit codes (CPU inference).
     """
     from transformers import AutoModelForCausalLM
     directory = os.fspath(directory)
@@ -135,6 +137,9 @@ def load(directory, **from_pretrained_kwargs) -> nn.Module:
             raise ValueError(f"{where}the weights of {name} do not equal its stored codes; the model "
                              f"files and {QUANT_TENSORS} come from different runs or were modified")
     model.sliderquant_state = {"config": cfg.to_dict(), "tensors": tensors}
+    if packed:
+        from .packed import pack_model
+        return pack_model(model)
     return model
 
 

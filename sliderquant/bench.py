@@ -354,7 +354,17 @@ def main(argv=None):
     t.add_argument("--load-seconds", type=float, default=120.0, help="upper bound on each busy loop's life")
     t.add_argument("--reps", type=int, default=3)
     t.add_argument("--json", action="store_true")
+    from . import bench_infer
+    bench_infer.add_args(sub.add_parser("infer", help="packed low-bit matmuls and SmolLM2 decode vs torch"))
     args = parser.parse_args(argv)
+    if args.command == "infer":
+        rows = bench_infer.run(args)
+        if args.json:
+            json.dump(rows, sys.stdout, indent=1)
+            print()
+        else:
+            bench_infer.print_table(rows)
+        return
     if args.command == "threads":
         from . import bench_threads
         rows = bench_threads.bench_threads(args.calls, args.threads, args.load, args.reps, args.load_seconds)

@@ -18,9 +18,8 @@ becomes ``2^(bits-1)``), 5- to 7-bit codes in 8-bit containers.
 8 bytes per row and group (fp32 scale and min).
 
 Accuracy: the kernels sum in fp32 (per group: one FMA per code for 4 and 8 bits; for 2 and 3 bits,
-per plane four partial sums of the ``x`` whose code has that bit set, combined as ``sum_b 2^b``;
-then ``scale`` and ``min``), so they
-differ from a float64 ``x @ dequantize(...).T`` by at most about ``K * eps32 * sum |x| (|q| + |zero|) |scale|``
+per plane two partial sums of the ``x`` whose code has that bit set, combined as ``sum_b 2^b``;
+then ``scale`` and ``min``), so they differ from a float64 ``x @ dequantize(...).T`` by at most about ``K * eps32 * sum |x| (|q| + |zero|) |scale|``
 per output; the reference and the AVX2 / AVX-512 kernels agree bit for bit.  NaN and Inf in ``x``
 propagate as in a float matmul (they are not checked: a decode loop cannot afford a scan per call).
 """
@@ -236,7 +235,7 @@ def pack_model(model: nn.Module) -> nn.Module:
 def load_packed(directory, **from_pretrained_kwargs) -> nn.Module:
     """``sliderquant.load(directory)`` with the quantized linears packed (``load(dir, packed=True)``)."""
     from .api import load
-    return pack_model(load(os.fspath(directory), **from_pretrained_kwargs))
+    return load(os.fspath(directory), packed=True, **from_pretrained_kwargs)
 
 
 def packed_bytes(model: nn.Module) -> int:

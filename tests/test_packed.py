@@ -64,8 +64,10 @@ def _oracle_and_bound(q, s, z, x):
     return xd @ w.T, 2 * (cols + 4) * 2.0 ** -24 * (xd.abs() @ mag.T)
 
 
-SHAPES = [  # rows, cols, group: rows not a multiple of 16, one group, K not a multiple of 64
-    (1, 32, 32), (3, 96, 96), (17, 160, 32), (33, 96, 32), (40, 256, 64), (16, 128, 128), (5, 64, 64)]
+SHAPES = [  # rows, cols, group: rows not a multiple of 16, one group, K not a multiple of 64; 100 rows:
+    # 7 row blocks, so the AVX-512 plane kernels' decode path runs four blocks per call and then three
+    (1, 32, 32), (3, 96, 96), (17, 160, 32), (33, 96, 32), (40, 256, 64), (16, 128, 128), (5, 64, 64),
+    (100, 64, 32)]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -271,3 +273,41 @@ def test_packed_smollm2_matches_fake_quant_and_generates(smollm2_w4, tmp_path):
     n_weights = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, packed.PackedLinear))
     n_groups = sum(m.out_features * m.in_features // 64 for m in model.modules() if isinstance(m, packed.PackedLinear))
     assert packed.packed_bytes(model) == n_weights * 4 // 8 + n_groups * 8
+
+
+def test_load_packed_from_a_saved_directory(smollm2_w4, tmp_path):
+    """``sliderquant.load(dir, packed=True)`` (and ``packed.load_packed``) give the packed model."""
+    import sliderquant
+    fake, tok = smollm2_w4
+    sliderquant.save(fake, tmp_path / "out", tok)
+    model = sliderquant.load(tmp_path / "out", packed=True)
+    assert sum(isinstance(m, packed.PackedLinear) for m in model.modules()) == 30 * 7
+    plain = sliderquant.load(tmp_path / "out")
+    assert not any(isinstance(m, packed.PackedLinear) for m in plain.modules())
+    ids = tok("The robot", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want, got = fake(ids).logits, model(ids).logits
+    assert float((got - want).abs().max()) <= 2e-4 * float(want.abs().max())
+
+
+def test_packed_smollm2_w2_planes_match_fake_quant():
+    """The 2-bit plane kernels in a whole model (decode path too): SmolLM2 W2 g64, packed vs fake-quantized."""
+    import sliderquant
+    from sliderquant import data
+    try:
+        data.smollm2_gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    torch.set_num_threads(2)
+    fake, tok = data.load_model("smollm2-135m")
+    sliderquant.quantize(fake, {"method": "rtn", "wbits": 2, "group_size": 64}, None)
+    fake.eval()
+    model = packed.pack_model(copy.deepcopy(fake))
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want, got = fake(ids).logits, model(ids).logits
+        assert float((got - want).abs().max()) <= 2e-4 * float(want.abs().max())
+        step = torch.tensor([[tok.eos_token_id]])  # one token: the decode kernels
+        kv_f, kv_p = fake(ids, use_cache=True).past_key_values, model(ids, use_cache=True).past_key_values
+        want1, got1 = fake(step, past_key_values=kv_f).logits, model(step, past_key_values=kv_p).logits
+    assert float((got1 - want1).abs().max()) <= 2e-4 * float(want1.abs().max())
