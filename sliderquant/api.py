@@ -27,12 +27,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from torch import nn
 
+from .atomic_dir import atomic_dir
 from .config import QuantConfig
 
 QUANT_TENSORS = "sliderquant_quant.safetensors"
@@ -83,19 +82,12 @@ def save(model: nn.Module, directory, tokenizer=None) -> None:
                          f"or empty it (an earlier sliderquant or Hugging Face output is replaced)")
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"save: {directory} exists and is not a directory; choose another path")
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(directory))}.partial-", dir=parent)
-    try:
+    with atomic_dir(directory) as tmp:
         with _without_gguf_marks(model):
             model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_codes(model, tmp)
-        _move_into_place(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_codes(model: nn.Module, directory) -> None:
@@ -312,23 +304,6 @@ def _without_gguf_marks(model):
                 model.__dict__.pop(k, None)
         if had_qc:
             config.quantization_config = qc
-
-
-def _move_into_place(tmp: str, directory: str) -> None:
-    """Rename the finished ``tmp`` to ``directory``, replacing an earlier output as a whole."""
-    if not os.path.exists(directory):
-        os.rename(tmp, directory)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(directory))}.old-",
-                           dir=os.path.dirname(os.path.abspath(directory)))
-    os.rmdir(old)
-    os.rename(directory, old)
-    try:
-        os.rename(tmp, directory)
-    except BaseException:
-        os.rename(old, directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _atomic(path: str, write) -> None:

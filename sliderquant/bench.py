@@ -323,6 +323,15 @@ def _print_table(rows):
           "torch's copy_ of a buffer of the same size, measured in this run.")
 
 
+def _report(rows, as_json: bool, print_rows) -> None:
+    """Print ``rows`` as JSON (``--json``) or as the subcommand's table."""
+    if as_json:
+        json.dump(rows, sys.stdout, indent=1)
+        print()
+    else:
+        print_rows(rows)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sliderquant.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -358,21 +367,12 @@ def main(argv=None):
     bench_infer.add_args(sub.add_parser("infer", help="packed low-bit matmuls and SmolLM2 decode vs torch"))
     args = parser.parse_args(argv)
     if args.command == "infer":
-        rows = bench_infer.run(args)
-        if args.json:
-            json.dump(rows, sys.stdout, indent=1)
-            print()
-        else:
-            bench_infer.print_table(rows)
+        _report(bench_infer.run(args), args.json, bench_infer.print_table)
         return
     if args.command == "threads":
         from . import bench_threads
         rows = bench_threads.bench_threads(args.calls, args.threads, args.load, args.reps, args.load_seconds)
-        if args.json:
-            json.dump(rows, sys.stdout, indent=1)
-            print()
-        else:
-            bench_threads.print_threads(rows)
+        _report(rows, args.json, bench_threads.print_threads)
         return
     if args.command == "calibrate":
         windows = tuple(tuple(int(v) for v in w.split("-")) for w in args.windows.split(","))
@@ -382,20 +382,12 @@ def main(argv=None):
                 parser.error(f"--precision: unknown precision {p!r} (auto, fp32, bf16)")
         rows = bench_calibrate(args.model, args.nsamples, args.seqlen, args.batch_size, windows, args.config,
                                args.threads, args.epochs, precisions, args.reps, args.profile)
-        if args.json:
-            json.dump(rows, sys.stdout, indent=1)
-            print()
-        else:
-            _print_calibrate(rows)
+        _report(rows, args.json, _print_calibrate)
     elif args.command == "kernels":
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         out_dtype = torch.bfloat16 if args.dtype == "fp32-bf16" else None
         rows = bench_kernels(args.reps, dtype, args.threads, args.quick, out_dtype)
-        if args.json:
-            json.dump(rows, sys.stdout, indent=1)
-            print()
-        else:
-            _print_table(rows)
+        _report(rows, args.json, _print_table)
 
 
 if __name__ == "__main__":

@@ -16,21 +16,10 @@ import sliderquant
 from sliderquant import api
 from sliderquant.config import QuantConfig
 
+from conftest import fast_config as fast, require_smollm2_gguf
 from test_models import tiny_model, token_ids
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def fast(method="sliderquant", **kw):
-    base = dict(method=method, wbits=2, epochs=2, batch_size=2, nsamples=6, seqlen=16)
-    base.update(kw)
-    return QuantConfig(**base)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quantized(method="rtn", family="llama", dtype=torch.float32, **kw):
@@ -232,12 +221,7 @@ def test_smollm2_from_gguf_saves_and_loads(tmp_path, monkeypatch):
     """transformers marks a model it dequantized from GGUF as quantized and refuses to save it;
     ``save`` used to fail there after the whole calibration.  Real SmolLM2-135M GGUF, RTN W4 g64."""
     from sliderquant import cli, data
-    try:
-        data.smollm2_gguf_path()
-    except FileNotFoundError as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"required under CI: {exc}", pytrace=False)
-        pytest.skip(str(exc))
+    require_smollm2_gguf()
     torch.set_num_threads(2)
     fp, tok = data.load_model("smollm2-135m")
     assert getattr(fp, "hf_quantizer", None) is not None      # what made save_pretrained refuse

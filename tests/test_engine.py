@@ -12,22 +12,14 @@ import sliderquant
 from sliderquant.config import QuantConfig
 from sliderquant.models import decoder_layers, layer_linears
 
+from conftest import fast_config
 from test_models import FAMILIES, VOCAB, token_ids, tiny_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matrices: one thread is much faster than two fighting over a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def fast(method="sliderquant", **kw):
-    base = dict(method=method, wbits=2, epochs=4, batch_size=2, nsamples=6, seqlen=16)
-    base.update(kw)
-    return QuantConfig(**base)
+def fast(method="sliderquant", epochs=4, **kw):
+    return fast_config(method, epochs, **kw)
 
 
 def minmax_fake_quant(w, bits, group_size=None):

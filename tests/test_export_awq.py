@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from sliderquant.export import export
 from sliderquant.export.awq import ORDER
-from test_export_ct import quantized_tiny
+from test_export_ct import UP_PROJ, exported_by_hand, nibbles, quantized_tiny, u32
 from test_export_gptq import NAMES, check_against_reader, read_quantized
 from test_models import token_ids
 
@@ -35,18 +35,12 @@ def test_reader_gives_our_logits(tmp_path):
 
 def test_interleaved_words_by_hand(tmp_path):
     assert ORDER == (0, 2, 4, 6, 1, 3, 5, 7)
-    model = quantized_tiny(4, 32, False)
-    export(model, tmp_path / "a", format="awq")
-    t = load_file(tmp_path / "a" / "model.safetensors")
-    name = "model.layers.0.mlp.up_proj"                      # out 96, in 64, 2 groups
-    st = model.sliderquant_state["tensors"]
-    q, s, z = (st[f"{name}.{p}"] for p in ("qweight", "scales", "zeros"))
+    t, q, s, z = exported_by_hand(tmp_path / "a", "awq")
+    name = UP_PROJ
     assert t[f"{name}.qweight"].shape == (64, 12) and t[f"{name}.qzeros"].shape == (2, 12)
     # word 2 of input row 5: output columns 16..23, nibble k holding column 16 + ORDER[k]
-    word = sum(int(q[16 + (0, 2, 4, 6, 1, 3, 5, 7)[k], 5]) << (4 * k) for k in range(8))
-    assert int(t[f"{name}.qweight"][5, 2]) & 0xFFFFFFFF == word
-    zword = sum(int(z[8 + (0, 2, 4, 6, 1, 3, 5, 7)[k], 1]) << (4 * k) for k in range(8))
-    assert int(t[f"{name}.qzeros"][1, 1]) & 0xFFFFFFFF == zword
+    assert u32(t[f"{name}.qweight"][5, 2]) == nibbles(q[16 + c, 5] for c in (0, 2, 4, 6, 1, 3, 5, 7))
+    assert u32(t[f"{name}.qzeros"][1, 1]) == nibbles(z[8 + c, 1] for c in (0, 2, 4, 6, 1, 3, 5, 7))
     assert torch.equal(t[f"{name}.scales"], s.t().half())
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 32,

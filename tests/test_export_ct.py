@@ -34,6 +34,29 @@ def quantized_tiny(bits=4, group_size=32, symmetric=False, positive_group=False,
     return model
 
 
+UP_PROJ = "model.layers.0.mlp.up_proj"                       # out 96, in 64, 2 groups of 32
+
+
+def exported_by_hand(out_dir, fmt, symmetric=False):
+    """A W4 g32 tiny model exported as ``fmt`` into ``out_dir``: the export's tensors and
+    up_proj's codes, scales and zero points ``(t, q, s, z)``, for the layout tests."""
+    model = quantized_tiny(4, 32, symmetric)
+    export(model, out_dir, format=fmt)
+    st = model.sliderquant_state["tensors"]
+    q, s, z = (st[f"{UP_PROJ}.{p}"] for p in ("qweight", "scales", "zeros"))
+    return load_file(out_dir / "model.safetensors"), q, s, z
+
+
+def nibbles(codes) -> int:
+    """The 32-bit word holding eight 4-bit ``codes``, the first one in the lowest nibble."""
+    return sum(int(c) << (4 * k) for k, c in enumerate(codes))
+
+
+def u32(word) -> int:
+    """The bit pattern of a stored int32 word."""
+    return int(word) & 0xFFFFFFFF
+
+
 def read_ct(path):
     require_reader("compressed_tensors")
     from transformers import AutoModelForCausalLM
@@ -121,21 +144,15 @@ def test_two_group_sizes_are_two_config_groups(tmp_path):
 
 
 def test_layout_by_hand(tmp_path):
-    model = quantized_tiny(4, 32, False)
-    export(model, tmp_path / "ct", format="compressed-tensors")
-    t = load_file(tmp_path / "ct" / "model.safetensors")
-    name = "model.layers.0.mlp.up_proj"                       # out 96, in 64, 2 groups
-    st = model.sliderquant_state["tensors"]
-    q, s, z = (st[f"{name}.{p}"] for p in ("qweight", "scales", "zeros"))
+    t, q, s, z = exported_by_hand(tmp_path / "ct", "compressed-tensors")
+    name = UP_PROJ
     assert f"{name}.weight" not in t
     assert t[f"{name}.weight_packed"].shape == (96, 8) and t[f"{name}.weight_packed"].dtype == torch.int32
     # word 1 of row 5: codes 8..15 of that row, first one in the lowest nibble
-    word = sum(int(q[5, 8 + i]) << (4 * i) for i in range(8))
-    assert int(t[f"{name}.weight_packed"][5, 1]) & 0xFFFFFFFF == word
+    assert u32(t[f"{name}.weight_packed"][5, 1]) == nibbles(q[5, 8 + i] for i in range(8))
     # zero points packed along out: word 2 of group 1 holds rows 16..23
-    zword = sum(int(z[16 + i, 1]) << (4 * i) for i in range(8))
     assert t[f"{name}.weight_zero_point"].shape == (12, 2)
-    assert int(t[f"{name}.weight_zero_point"][2, 1]) & 0xFFFFFFFF == zword
+    assert u32(t[f"{name}.weight_zero_point"][2, 1]) == nibbles(z[16 + i, 1] for i in range(8))
     assert torch.equal(t[f"{name}.weight_scale"], s) and t[f"{name}.weight_scale"].dtype == torch.float32
     assert t[f"{name}.weight_shape"].tolist() == [96, 64]
     assert "lm_head.weight" not in t                           # tied to the embeddings
@@ -161,8 +178,8 @@ def test_symmetric_has_no_zero_point_and_loads_without_dequantize(tmp_path):
     assert not any(k.endswith("weight_zero_point") for k in t)
     # symmetric codes are stored as q + 8
     q = model.sliderquant_state["tensors"]["model.layers.0.self_attn.q_proj.qweight"]
-    word = sum((int(q[0, i]) + 8) << (4 * i) for i in range(8))
-    assert int(t["model.layers.0.self_attn.q_proj.weight_packed"][0, 0]) & 0xFFFFFFFF == word
+    word = nibbles(int(q[0, i]) + 8 for i in range(8))
+    assert u32(t["model.layers.0.self_attn.q_proj.weight_packed"][0, 0]) == word
     # the reader's default (compressed, decompressed on the fly) path works for symmetric files
     reader = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
     assert_same_logits(model, reader, token_ids())

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import sliderquant
 from sliderquant.export import export
 from sliderquant.quantizer import dequantize
-from test_export_ct import quantized_tiny
+from test_export_ct import UP_PROJ, exported_by_hand, nibbles, quantized_tiny, u32
 from test_export_packing import require_reader
 from test_models import token_ids
 
@@ -93,20 +93,14 @@ def test_other_families(tmp_path, family):
 
 
 def test_layout_by_hand(tmp_path):
-    model = quantized_tiny(4, 32, False)
-    export(model, tmp_path / "g", format="gptq")
-    t = load_file(tmp_path / "g" / "model.safetensors")
-    name = "model.layers.0.mlp.up_proj"                      # out 96, in 64, 2 groups
-    st = model.sliderquant_state["tensors"]
-    q, s, z = (st[f"{name}.{p}"] for p in ("qweight", "scales", "zeros"))
+    t, q, s, z = exported_by_hand(tmp_path / "g", "gptq")
+    name = UP_PROJ
     assert t[f"{name}.qweight"].shape == (8, 96) and t[f"{name}.qweight"].dtype == torch.int32
     # word 3 of output column 7: input rows 24..31 of that column, first in the lowest nibble
-    word = sum(int(q[7, 24 + i]) << (4 * i) for i in range(8))
-    assert int(t[f"{name}.qweight"][3, 7]) & 0xFFFFFFFF == word
+    assert u32(t[f"{name}.qweight"][3, 7]) == nibbles(q[7, 24 + i] for i in range(8))
     # v2 zeros are z itself, packed along out: word 1 of group 0 holds columns 8..15
-    zword = sum(int(z[8 + i, 0]) << (4 * i) for i in range(8))
     assert t[f"{name}.qzeros"].shape == (2, 12)
-    assert int(t[f"{name}.qzeros"][0, 1]) & 0xFFFFFFFF == zword
+    assert u32(t[f"{name}.qzeros"][0, 1]) == nibbles(z[8 + i, 0] for i in range(8))
     assert t[f"{name}.scales"].dtype == torch.float16
     assert torch.equal(t[f"{name}.scales"], s.t().half())
     assert t[f"{name}.g_idx"].tolist() == [i // 32 for i in range(64)]
@@ -127,10 +121,10 @@ def test_symmetric_is_v1_with_zero_minus_one(tmp_path):
     qc = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
     assert qc["checkpoint_format"] == "gptq" and qc["sym"] is True
     # z = 8 for every group, stored as 7 in each nibble; codes stored as q + 8
-    assert int(t["model.layers.0.self_attn.q_proj.qzeros"][0, 0]) & 0xFFFFFFFF == 0x77777777
+    assert u32(t["model.layers.0.self_attn.q_proj.qzeros"][0, 0]) == 0x77777777
     q = model.sliderquant_state["tensors"]["model.layers.0.self_attn.q_proj.qweight"]
-    word = sum((int(q[0, i]) + 8) << (4 * i) for i in range(8))
-    assert int(t["model.layers.0.self_attn.q_proj.qweight"][0, 0]) & 0xFFFFFFFF == word
+    word = nibbles(int(q[0, i]) + 8 for i in range(8))
+    assert u32(t["model.layers.0.self_attn.q_proj.qweight"][0, 0]) == word
 
 
 def test_refusals_write_nothing(tmp_path):

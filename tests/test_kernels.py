@@ -52,15 +52,21 @@ def c_ext():
     return require_c()
 
 
+def c_backend(name: str, no_avx2: str = "this CPU has no AVX2/FMA"):
+    """Fixture body: run the test on the C table ``name``, skipping (``no_avx2``) where AVX2 is
+    missing; the previous backend is restored afterwards."""
+    require_c()
+    if name == "avx2" and not C.avx2_supported():
+        pytest.skip(no_avx2)
+    previous = C.backend()
+    C.set_backend(name)
+    yield name
+    C.set_backend(previous)
+
+
 @pytest.fixture(params=ISAS)
 def isa(request):
-    require_c()
-    if request.param == "avx2" and not C.avx2_supported():
-        pytest.skip("this CPU has no AVX2/FMA; the scalar reference is tested")
-    previous = C.backend()
-    C.set_backend(request.param)
-    yield request.param
-    C.set_backend(previous)
+    yield from c_backend(request.param, "this CPU has no AVX2/FMA; the scalar reference is tested")
 
 
 def seed_of(*key) -> int:
@@ -440,13 +446,7 @@ def path(request, monkeypatch):
         monkeypatch.setenv("SLIDERQUANT_ISA", "torch")
         yield "torch"
         return
-    require_c()
-    if request.param == "avx2" and not C.avx2_supported():
-        pytest.skip("this CPU has no AVX2/FMA")
-    previous = C.backend()
-    C.set_backend(request.param)
-    yield request.param
-    C.set_backend(previous)
+    yield from c_backend(request.param)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

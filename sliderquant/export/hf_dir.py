@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from torch import nn
+
+from ..atomic_dir import atomic_dir
 
 
 def check_target(out_dir: str) -> str:
@@ -48,10 +48,7 @@ def write_hf_dir(model: nn.Module, out_dir: str, tensors: dict[str, torch.Tensor
                  extra_json: dict[str, dict] | None = None) -> str:
     from safetensors.torch import save_file
     out_dir = check_target(out_dir)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.partial-", dir=parent)
-    try:
+    with atomic_dir(out_dir) as tmp:
         config = model.config.to_dict()
         config.pop("quantization_config", None)      # e.g. the GGUF mark of a model loaded from .gguf
         if not config.get("architectures"):          # absent on models loaded from .gguf; engines need it
@@ -68,10 +65,6 @@ def write_hf_dir(model: nn.Module, out_dir: str, tensors: dict[str, torch.Tensor
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _make_readable(tmp)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -89,17 +82,3 @@ def _make_readable(tmp: str) -> None:
     for name in os.listdir(tmp):
         path = os.path.join(tmp, name)
         os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
-
-
-def _move_into_place(tmp: str, out_dir: str) -> None:
-    if not os.path.exists(out_dir):
-        os.rename(tmp, out_dir)
-        return
-    old = tmp.replace(".partial-", ".old-")
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
