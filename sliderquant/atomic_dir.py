@@ -14,17 +14,29 @@ import tempfile
 
 @contextlib.contextmanager
 def atomic_dir(directory: str):
-    """Yield a fresh private directory beside ``directory`` to fill; when the block ends without an
-    exception, it replaces ``directory`` as a whole (see ``move_into_place``); otherwise it is removed."""
+    """Yield a fresh directory beside ``directory`` to fill; when the block ends without an
+    exception, it replaces ``directory`` as a whole (see ``move_into_place``); otherwise it is removed.
+    The result has the usual permissions (``mkdtemp`` makes it private; an output is not)."""
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(directory))}.partial-", dir=parent)
     try:
         yield tmp
+        make_readable(tmp)
         move_into_place(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def make_readable(tmp: str) -> None:
+    """Give ``tmp`` and its entries the permissions the umask gives a new file or directory."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    for name in os.listdir(tmp):
+        path = os.path.join(tmp, name)
+        os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
 def move_into_place(tmp: str, directory: str) -> None:

@@ -191,6 +191,18 @@ def test_save_refuses_a_directory_with_other_files(tmp_path):
     assert os.listdir(tmp_path) == ["notes.txt"]
 
 
+def test_saved_directory_has_the_usual_permissions(tmp_path):
+    # built in a private temporary directory, but the output must be readable like any other
+    old = os.umask(0o022)
+    try:
+        sliderquant.save(quantized("rtn"), tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o755
+    for name in os.listdir(tmp_path / "out"):
+        assert os.stat(tmp_path / "out" / name).st_mode & 0o777 == 0o644, name
+
+
 def test_apply_codes_restores_the_quantized_model(tmp_path):
     model = quantized("sliderquant", wbits=3)
     api.write_codes(model, tmp_path / "rescue")

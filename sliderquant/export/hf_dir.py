@@ -64,7 +64,6 @@ def write_hf_dir(model: nn.Module, out_dir: str, tensors: dict[str, torch.Tensor
             _write_json(os.path.join(tmp, name), content)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _make_readable(tmp)
     return out_dir
 
 
@@ -72,13 +71,3 @@ def _write_json(path: str, content: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(content, f, indent=2, sort_keys=False)
         f.write("\n")
-
-
-def _make_readable(tmp: str) -> None:
-    """mkdtemp makes a private (0700) directory; give it and its files the usual permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    for name in os.listdir(tmp):
-        path = os.path.join(tmp, name)
-        os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
