@@ -2,7 +2,8 @@
  * packed_avx2.c: sq_pk_matmul_ref with AVX2/FMA.  A row block is two halves of 8 rows (one ymm
  * each).  bits = 4, 8: each field is one AND (or shift) and one convert feeding one FMA per token
  * of the token block (up to 4 tokens share each unpacked field).  bits = 2, 3 (bit planes): one
- * table load and one FMA per plane, column and 8 rows.  Same sums and order as the reference.
+ * table load and one FMA per plane, column and 8 rows for one token; for more, each code is rebuilt
+ * from the table rows and shared by up to 4 tokens' FMAs.  Same sums and order as the reference.
  */
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma")
@@ -86,6 +87,49 @@ SQ_INLINE void half_planes256(const int bits, const int h, const uint32_t *qrb, 
     _mm256_storeu_ps(out + h * HALF, total);
 }
 
+/* bits = 2, 3 with more than one token: rows 8h .. 8h + 7, tb tokens; each code is rebuilt from
+ * the planes' table rows (lut0 + 2 lut1 + 4 lut2, exact) and feeds one FMA per token */
+SQ_INLINE void half_codes256(const int bits, const int tb, const int h, const uint32_t *qrb, const float *smrb,
+                             int64_t G, int64_t upg, const float *xs, int64_t xstride, const float *xsum,
+                             const float (*lut)[HALF], float *out) {
+    __m256 total[TB_MAX], acc[TB_MAX];
+    for (int t = 0; t < tb; ++t) total[t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        for (int t = 0; t < tb; ++t) acc[t] = _mm256_setzero_ps();
+        for (int64_t u = g * upg; u < (g + 1) * upg; ++u) {
+            const uint8_t *m = (const uint8_t *)(qrb + u * bits * SQ_PK_ROWS) + h;
+            const float *xu = xs + u * SQ_PK_UNIT;
+#pragma GCC unroll 8
+            for (int c = 0; c < SQ_PK_UNIT; ++c) {
+                __m256 fv = _mm256_fmadd_ps(_mm256_set1_ps(2.0f), _mm256_loadu_ps(lut[m[2 * (SQ_PK_UNIT + c)]]),
+                                            _mm256_loadu_ps(lut[m[2 * c]]));
+                if (bits == 3)
+                    fv = _mm256_fmadd_ps(_mm256_set1_ps(4.0f), _mm256_loadu_ps(lut[m[2 * (2 * SQ_PK_UNIT + c)]]), fv);
+                for (int t = 0; t < tb; ++t)
+                    acc[t] = _mm256_fmadd_ps(fv, _mm256_broadcast_ss(xu + t * xstride + c), acc[t]);
+            }
+        }
+        const __m256 s = _mm256_loadu_ps(smrb + g * 2 * SQ_PK_ROWS + h * HALF);
+        const __m256 mn = _mm256_loadu_ps(smrb + g * 2 * SQ_PK_ROWS + SQ_PK_ROWS + h * HALF);
+        for (int t = 0; t < tb; ++t) {
+            total[t] = _mm256_fmadd_ps(acc[t], s, total[t]);
+            total[t] = _mm256_fmadd_ps(mn, _mm256_broadcast_ss(xsum + t * G + g), total[t]);
+        }
+    }
+    for (int t = 0; t < tb; ++t) _mm256_storeu_ps(out + t * SQ_PK_ROWS + h * HALF, total[t]);
+}
+
+typedef void (*codes_fn)(int, const uint32_t *, const float *, int64_t, int64_t, const float *, int64_t,
+                         const float *, const float (*)[HALF], float *);
+#define DEF_HC(B, TB)                                                                                              \
+    static void hc256_##B##_##TB(int h, const uint32_t *q, const float *sm, int64_t G, int64_t upg, const float *xs,\
+                                 int64_t xstride, const float *xsum, const float (*lut)[HALF], float *out) {        \
+        half_codes256(B, TB, h, q, sm, G, upg, xs, xstride, xsum, lut, out);                                        \
+    }
+DEF_HC(2, 1) DEF_HC(2, 2) DEF_HC(2, 3) DEF_HC(2, 4) DEF_HC(3, 1) DEF_HC(3, 2) DEF_HC(3, 3) DEF_HC(3, 4)
+static const codes_fn codes_fns[2][TB_MAX] = {{hc256_2_1, hc256_2_2, hc256_2_3, hc256_2_4},
+                                              {hc256_3_1, hc256_3_2, hc256_3_3, hc256_3_4}};
+
 static void hbp256_2(int h, const uint32_t *q, const float *sm, int64_t G, int64_t upg, const float *xs,
                      const float *xsum, const float (*lut)[HALF], float *out) {
     half_planes256(2, h, q, sm, G, upg, xs, xsum, lut, out);
@@ -154,6 +198,16 @@ int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const floa
             const int64_t r0 = rb * SQ_PK_ROWS, nr = N - r0 < SQ_PK_ROWS ? N - r0 : SQ_PK_ROWS;
             const uint32_t *q = qweight + rb * NU * p->bits * SQ_PK_ROWS;
             const float *sm = scale_min + rb * G * 2 * SQ_PK_ROWS;
+            if (planar && T > 1) {
+                for (int64_t t0 = 0; t0 < T; t0 += TB_MAX) {
+                    const int tb = (int)(T - t0 < TB_MAX ? T - t0 : TB_MAX);
+                    for (int h = 0; h < (nr > HALF ? 2 : 1); ++h)
+                        codes_fns[p->bits - 2][tb - 1](h, q, sm, G, upg, xs + t0 * XL, XL, xsum + t0 * G,
+                                                       (const float(*)[HALF])lut, out);
+                    for (int t = 0; t < tb; ++t) store_rows(y, p->y_dtype, (t0 + t) * N + r0, nr, out + t * SQ_PK_ROWS);
+                }
+                continue;
+            }
             if (planar) {
                 for (int64_t t = 0; t < T; ++t) {
                     for (int h = 0; h < (nr > HALF ? 2 : 1); ++h)

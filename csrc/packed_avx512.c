@@ -4,7 +4,9 @@
  * and the convert feeds one FMA per token of the token block (up to 8 tokens share each unpacked
  * field: prefill); products are field * (x * 2^-offset) = q * x exactly, so the sums equal the
  * reference's.  bits = 2, 3: bit planes, one kmov and one masked add per plane and column, so the
- * work per column scales with the width (W2: 2 adds per 16 rows, where unpacking costs 3 ops).
+ * work per column scales with the width (W2: 2 adds per 16 rows, where unpacking costs 3 ops);
+ * with more than one token they rebuild each code from its masks (2-3 ops) and share it over up to
+ * 8 tokens' FMAs, in the order sq_packed.h states for that case.
  */
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx2,fma")
@@ -14,7 +16,6 @@
 #include "sq_packed.h"
 
 #define TB_MAX 8
-#define TBP_MAX 2 /* tokens per block of the plane kernels (bits = 2, 3) */
 #define SQ_INLINE static inline __attribute__((always_inline))
 
 /* one word of 16 rows: cpw fields of fbits bits; xs points at the word's first column of token 0 */
@@ -39,8 +40,22 @@ SQ_INLINE void row_block512(const int bits, const int tb, const uint32_t *qrb, c
         for (int t = 0; t < tb; ++t) acc[t] = _mm512_setzero_ps();
         for (int64_t u = g * upg; u < (g + 1) * upg; ++u) {
             const uint32_t *w = qrb + u * bits * SQ_PK_ROWS;
-            const int cpw = 32 / bits;
             const float *xu = xs + u * SQ_PK_UNIT;
+            if (sq_pk_planar(bits)) { /* prefill from planes: the code as a float, then one FMA per token */
+                const uint16_t *m = (const uint16_t *)w;
+#pragma GCC unroll 32
+                for (int c = 0; c < SQ_PK_UNIT; ++c) {
+                    __m512 fv = _mm512_maskz_mov_ps(_load_mask16((__mmask16 *)(m + c)), _mm512_set1_ps(1.0f));
+                    fv = _mm512_mask_add_ps(fv, _load_mask16((__mmask16 *)(m + SQ_PK_UNIT + c)), fv,
+                                            _mm512_set1_ps(2.0f));
+                    if (bits == 3)
+                        fv = _mm512_mask_add_ps(fv, _load_mask16((__mmask16 *)(m + 2 * SQ_PK_UNIT + c)), fv,
+                                                _mm512_set1_ps(4.0f));
+                    for (int t = 0; t < tb; ++t) acc[t] = _mm512_fmadd_ps(fv, _mm512_set1_ps(xu[t * xstride + c]), acc[t]);
+                }
+                continue;
+            }
+            const int cpw = 32 / bits;
             for (int j = 0; j < bits; ++j)
                 word_fma512(_mm512_loadu_si512(w + j * SQ_PK_ROWS), bits, cpw, xu + j * cpw, xstride, tb, acc);
         }
@@ -73,8 +88,10 @@ SQ_INLINE void planes512(const int bits, const int tb, const int nrb, const uint
         for (int i = 0; i < n; ++i)
             for (int b = 0; b < bits; ++b)
                 for (int s = 0; s < SQ_PK_CHAINS; ++s) acc[i][b][s] = _mm512_setzero_ps();
-        const uint16_t *m0 = (const uint16_t *)(qrb + g * upg * bits * SQ_PK_ROWS), *m1 = m0 + 2 * rbq,
-                       *m2 = m1 + 2 * rbq, *m3 = m2 + 2 * rbq; /* one pointer per row block: immediate offsets */
+        /* one pointer per row block (immediate offsets in the loop); blocks past nrb repeat block 0 */
+        const uint16_t *m0 = (const uint16_t *)(qrb + g * upg * bits * SQ_PK_ROWS);
+        const uint16_t *m1 = nrb > 1 ? m0 + 2 * rbq : m0, *m2 = nrb > 2 ? m0 + 4 * rbq : m0,
+                       *m3 = nrb > 3 ? m0 + 6 * rbq : m0;
         const float *xu = xs + g * upg * SQ_PK_UNIT;
         for (int64_t u = 0; u < upg; ++u) {
 #pragma GCC unroll 32
@@ -132,19 +149,12 @@ typedef void (*row_block_fn)(const uint32_t *, const float *, int64_t, int64_t, 
         row_block512(B, TB, q, sm, G, upg, xs, xstride, xsum, out);                                                 \
     }
 #define DEF_BITS(B) DEF_RB(B, 1) DEF_RB(B, 2) DEF_RB(B, 3) DEF_RB(B, 4) DEF_RB(B, 5) DEF_RB(B, 6) DEF_RB(B, 7) DEF_RB(B, 8)
+DEF_BITS(2)
+DEF_BITS(3)
 DEF_BITS(4)
 DEF_BITS(8)
-#define DEF_RBP(B, TB)                                                                                             \
-    static void rb512_##B##_##TB(const uint32_t *q, const float *sm, int64_t G, int64_t upg, const float *xs,        \
-                                 int64_t xstride, const float *xsum, float *out) {                                  \
-        planes512(B, TB, 1, q, 0, sm, 0, G, upg, xs, xstride, xsum, out);                                            \
-    }
-DEF_RBP(2, 1)
-DEF_RBP(2, 2)
-DEF_RBP(3, 1)
-DEF_RBP(3, 2)
 #define ROW_FNS(B) {rb512_##B##_1, rb512_##B##_2, rb512_##B##_3, rb512_##B##_4, rb512_##B##_5, rb512_##B##_6, rb512_##B##_7, rb512_##B##_8}
-static const row_block_fn fns[4][TB_MAX] = {{rb512_2_1, rb512_2_2}, {rb512_3_1, rb512_3_2}, ROW_FNS(4), ROW_FNS(8)};
+static const row_block_fn fns[4][TB_MAX] = {ROW_FNS(2), ROW_FNS(3), ROW_FNS(4), ROW_FNS(8)};
 
 static void store_rows(void *y, sq_dtype dt, int64_t base, int64_t n, const float *v) {
     if (dt == SQ_F32) {
@@ -169,7 +179,7 @@ int sq_pk_matmul_avx512(const sq_pk_params *p, const uint32_t *qweight, const fl
         return SQ_ERR_NOMEM;
     }
     const row_block_fn *fn = fns[p->bits == 2 ? 0 : p->bits == 3 ? 1 : p->bits == 4 ? 2 : 3];
-    const int tbmax = sq_pk_planar(p->bits) ? TBP_MAX : TB_MAX;
+    const int tbmax = TB_MAX;
     const int nt = sq_threads(p->nthreads, NB > T ? NB : T);
     /* a few tokens (decode) are prepared serially: a barrier costs more than K elements; the row
      * blocks go in small dynamic chunks so a thread the OS preempts does not hold up the others */

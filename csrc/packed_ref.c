@@ -40,6 +40,21 @@ static float group_dot_planes_ref(const uint32_t *qrb, int lane, int bits, int64
     return dot;
 }
 
+/* one group of one row (bits = 2, 3) in a call of more than one token: codes from the planes, one
+ * fmaf per code in column order */
+static float group_dot_codes_ref(const uint32_t *qrb, int lane, int bits, int64_t u0, int64_t upg, const float *xg) {
+    float acc = 0.0f;
+    for (int64_t u = 0; u < upg; ++u) {
+        const uint16_t *m = (const uint16_t *)(qrb + (u0 + u) * bits * SQ_PK_ROWS);
+        for (int c = 0; c < SQ_PK_UNIT; ++c) {
+            unsigned q = 0;
+            for (int b = 0; b < bits; ++b) q |= ((m[b * SQ_PK_UNIT + c] >> lane) & 1u) << b;
+            acc = fmaf((float)q, xg[u * SQ_PK_UNIT + c], acc);
+        }
+    }
+    return acc;
+}
+
 int sq_pk_matmul_ref(const sq_pk_params *p, const uint32_t *qweight, const float *scale_min, const void *x,
                      void *y) {
     int st = sq_pk_check(p);
@@ -67,7 +82,10 @@ int sq_pk_matmul_ref(const sq_pk_params *p, const uint32_t *qweight, const float
             float total = 0.0f;
             for (int64_t g = 0; g < G; ++g) {
                 float acc = 0.0f;
-                if (sq_pk_planar(p->bits))
+                if (sq_pk_planar(p->bits) && T > 1)
+                    acc = group_dot_codes_ref(qweight + rb * NU * p->bits * SQ_PK_ROWS, lane, p->bits, g * upg, upg,
+                                              xf + t * K + g * p->group);
+                else if (sq_pk_planar(p->bits))
                     acc = group_dot_planes_ref(qweight + rb * NU * p->bits * SQ_PK_ROWS, lane, p->bits, g * upg, upg,
                                                xf + t * K + g * p->group);
                 else

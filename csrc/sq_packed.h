@@ -31,7 +31,10 @@
  *     adds x[k] for the columns k of the group, in order, whose code has bit b set (k % 2 counts
  *     from the group's first column; planes in order inside a column); then per plane
  *     ps_b = acc[b][0] + acc[b][1] and acc = fma(2^b, ps_b, acc) for
- *     b = 0, 1, ... from acc = 0: no multiply per code, bits adds per column and 16 rows;
+ *     b = 0, 1, ... from acc = 0: no multiply per code, bits adds per column and 16 rows.  This
+ *     is the order of a call with one token (decode); a call with more tokens (prefill) rebuilds
+ *     each code from its planes and sums one fused multiply-add per code in column order, as for
+ *     bits = 4, 8, so the unpacking is shared by the tokens of a block;
  * then total = fma(acc, scale, total) and total = fma(min, xsum_g, total), groups in order.
  * NaN and Inf in x propagate as in a float matmul (not checked; the plane kernels of AVX2 multiply
  * x by 0 for a clear bit, so there an Inf x may give NaN where the others skip it).
