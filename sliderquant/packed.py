@@ -17,9 +17,11 @@ becomes ``2^(bits-1)``), 5- to 7-bit codes in 8-bit containers.
 ``load_packed(dir)`` does both.  Memory of a packed linear: ``bits / 16`` of its bf16 weight plus
 8 bytes per row and group (fp32 scale and min).
 
-Accuracy: the kernels sum in fp32 (per group: one FMA per code for 4 and 8 bits; for 2 and 3 bits,
-per plane two partial sums of the ``x`` whose code has that bit set, combined as ``sum_b 2^b``;
-then ``scale`` and ``min``), so they differ from a float64 ``x @ dequantize(...).T`` by at most about ``K * eps32 * sum |x| (|q| + |zero|) |scale|``
+Accuracy: the kernels sum in fp32 (per group: one FMA per code for 4 and 8 bits, and for 2 and 3
+bits in calls of several tokens; for 2 and 3 bits in a one-token call (decode), per plane two partial
+sums of the ``x`` whose code has that bit set, combined as ``sum_b 2^b``, so one token's output may
+differ in the last bits between a decode and a prefill call; then ``scale`` and ``min``), so they
+differ from a float64 ``x @ dequantize(...).T`` by at most about ``K * eps32 * sum |x| (|q| + |zero|) |scale|``
 per output; the reference and the AVX2 / AVX-512 kernels agree bit for bit.  NaN and Inf in ``x``
 propagate as in a float matmul (they are not checked: a decode loop cannot afford a scan per call).
 """
