@@ -180,7 +180,7 @@ int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const floa
     float lut[256][HALF]; /* bits of a mask byte as floats, for the plane kernels */
     for (int i = 0; i < 256; ++i)
         for (int r = 0; r < HALF; ++r) lut[i][r] = (float)((i >> r) & 1);
-    const int nt = sq_threads(p->nthreads, NB > T ? NB : T);
+    const int nt = sq_threads(p->nthreads, sq_pk_thread_items(p, NB > T ? NB : T));
     /* a few tokens (decode) are prepared serially: a barrier costs more than K elements; the row
      * blocks go in small dynamic chunks so a thread the OS preempts does not hold up the others */
     const int serial_prep = T * K < (1 << 16);

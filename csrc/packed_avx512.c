@@ -180,7 +180,7 @@ int sq_pk_matmul_avx512(const sq_pk_params *p, const uint32_t *qweight, const fl
     }
     const row_block_fn *fn = fns[p->bits == 2 ? 0 : p->bits == 3 ? 1 : p->bits == 4 ? 2 : 3];
     const int tbmax = TB_MAX;
-    const int nt = sq_threads(p->nthreads, NB > T ? NB : T);
+    const int nt = sq_threads(p->nthreads, sq_pk_thread_items(p, NB > T ? NB : T));
     /* a few tokens (decode) are prepared serially: a barrier costs more than K elements; the row
      * blocks go in small dynamic chunks so a thread the OS preempts does not hold up the others */
     const int serial_prep = T * K < (1 << 16);

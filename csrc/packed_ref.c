@@ -73,7 +73,7 @@ int sq_pk_matmul_ref(const sq_pk_params *p, const uint32_t *qweight, const float
         sq_pk_prepare_token(p, x, t, NULL, xsum + t * G);
         for (int64_t k = 0; k < K; ++k) xf[t * K + k] = sq_pk_x(x, p->x_dtype, t * K + k);
     }
-    const int nt = sq_threads(p->nthreads, N);
+    const int nt = sq_threads(p->nthreads, sq_pk_thread_items(p, N));
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < N; ++r) {
         const int64_t rb = r / SQ_PK_ROWS;

@@ -98,6 +98,16 @@ static inline int sq_pk_check(const sq_pk_params *p) {
     return SQ_OK;
 }
 
+/* threads for one call: at most one per SQ_PK_WORK_PER_THREAD column-blocks x tokens (16 rows x 1
+ * column x 1 token each, about a nanosecond): waking a sleeping OpenMP thread costs tens of
+ * microseconds, more than a small decode matmul (SmolLM2's 576 x 576: 21K) takes on one thread */
+#define SQ_PK_WORK_PER_THREAD (1 << 16)
+static inline int64_t sq_pk_thread_items(const sq_pk_params *p, int64_t items) {
+    const int64_t work = sq_pk_row_blocks(p->rows) * p->cols * (p->tokens > 0 ? p->tokens : 1);
+    const int64_t cap = work / SQ_PK_WORK_PER_THREAD > 1 ? work / SQ_PK_WORK_PER_THREAD : 1;
+    return items < cap ? items : cap; /* for sq_threads(nthreads, .) */
+}
+
 /* floats of (scaled) x per token: one per column */
 static inline int64_t sq_pk_xs_len(const sq_pk_params *p) { return p->cols; }
 

@@ -122,6 +122,24 @@ def test_kernels_against_float64_and_each_other(bits, xdtype):
             assert first.abs().max() > 0
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_threads_on_a_matrix_big_enough_to_split(bits):
+    """Small calls run on one thread (a wake-up costs more than they take); a 4003 x 1024 call runs on
+    two and gives the same bits as one thread and every ISA (decode and prefill orders)."""
+    rows, cols, group = 4003, 1024, 128
+    for tokens in (1, 5):
+        q, s, z, x = _case(bits, rows, cols, group, tokens, torch.float32, seed=bits + tokens)
+        qw, sm = packed.pack_codes(q, bits), packed.pack_scales(s, z)
+        oracle, bound = _oracle_and_bound(q, s, z, x)
+        first = None
+        for isa in ISAS:
+            for threads in (1, 2):
+                y = packed.matmul(qw, sm, x, rows, group, bits, isa=isa, nthreads=threads)
+                assert bool(((y.double() - oracle).abs() <= bound).all()), (isa, threads, tokens)
+                first = y if first is None else first
+                assert torch.equal(y, first), (isa, threads, tokens)
+
+
 def test_kernel_error_is_not_trivially_zero_and_bound_is_tight():
     """The bound is a real constraint: a wrong min (dropping -scale*zero) breaks it."""
     q, s, z, x = _case(4, 33, 256, 64, 5, torch.float32, seed=7)
