@@ -153,14 +153,6 @@ DEF_BITS(8)
 #define HALF_FNS(B) {hb256_##B##_1, hb256_##B##_2, hb256_##B##_3, hb256_##B##_4}
 static const half_fn fns[2][TB_MAX] = {HALF_FNS(4), HALF_FNS(8)};
 
-static void store_rows(void *y, sq_dtype dt, int64_t base, int64_t n, const float *v) {
-    if (dt == SQ_F32) {
-        memcpy((float *)y + base, v, (size_t)n * sizeof(float));
-    } else {
-        for (int64_t i = 0; i < n; ++i) ((uint16_t *)y)[base + i] = sq_f32_to_bf16(v[i]);
-    }
-}
-
 int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const float *scale_min, const void *x,
                       void *y) {
     int st = sq_pk_check(p);
@@ -168,13 +160,8 @@ int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const floa
     const int64_t T = p->tokens, N = p->rows, K = p->cols, G = K / p->group, upg = p->group / SQ_PK_UNIT;
     const int64_t NU = K / SQ_PK_UNIT, NB = sq_pk_row_blocks(N), XL = sq_pk_xs_len(p);
     if (T == 0 || N == 0) return SQ_OK;
-    float *xs = sq_alloc((size_t)(T * XL) * sizeof(float));
-    float *xsum = sq_alloc((size_t)(T * G) * sizeof(float));
-    if (!xs || !xsum) {
-        free(xs);
-        free(xsum);
-        return SQ_ERR_NOMEM;
-    }
+    float *xs, *xsum;
+    if ((st = sq_pk_scratch(p, XL, &xs, &xsum))) return st;
     const int planar = sq_pk_planar(p->bits);
     const half_fn *fn = fns[p->bits == 4 ? 0 : 1];
     float lut[256][HALF]; /* bits of a mask byte as floats, for the plane kernels */
@@ -204,7 +191,7 @@ int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const floa
                     for (int h = 0; h < (nr > HALF ? 2 : 1); ++h)
                         codes_fns[p->bits - 2][tb - 1](h, q, sm, G, upg, xs + t0 * XL, XL, xsum + t0 * G,
                                                        (const float(*)[HALF])lut, out);
-                    for (int t = 0; t < tb; ++t) store_rows(y, p->y_dtype, (t0 + t) * N + r0, nr, out + t * SQ_PK_ROWS);
+                    for (int t = 0; t < tb; ++t) sq_pk_store_rows(y, p->y_dtype, (t0 + t) * N + r0, nr, out + t * SQ_PK_ROWS);
                 }
                 continue;
             }
@@ -213,7 +200,7 @@ int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const floa
                     for (int h = 0; h < (nr > HALF ? 2 : 1); ++h)
                         (p->bits == 2 ? hbp256_2 : hbp256_3)(h, q, sm, G, upg, xs + t * XL, xsum + t * G,
                                                              (const float(*)[HALF])lut, out);
-                    store_rows(y, p->y_dtype, t * N + r0, nr, out);
+                    sq_pk_store_rows(y, p->y_dtype, t * N + r0, nr, out);
                 }
                 continue;
             }
@@ -221,7 +208,7 @@ int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const floa
                 const int tb = (int)(T - t0 < TB_MAX ? T - t0 : TB_MAX);
                 for (int h = 0; h < (nr > HALF ? 2 : 1); ++h)
                     fn[tb - 1](q + h * HALF, sm + h * HALF, G, upg, xs + t0 * XL, XL, xsum + t0 * G, out + h * HALF);
-                for (int t = 0; t < tb; ++t) store_rows(y, p->y_dtype, (t0 + t) * N + r0, nr, out + t * SQ_PK_ROWS);
+                for (int t = 0; t < tb; ++t) sq_pk_store_rows(y, p->y_dtype, (t0 + t) * N + r0, nr, out + t * SQ_PK_ROWS);
             }
         }
     }

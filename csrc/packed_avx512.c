@@ -156,14 +156,6 @@ DEF_BITS(8)
 #define ROW_FNS(B) {rb512_##B##_1, rb512_##B##_2, rb512_##B##_3, rb512_##B##_4, rb512_##B##_5, rb512_##B##_6, rb512_##B##_7, rb512_##B##_8}
 static const row_block_fn fns[4][TB_MAX] = {ROW_FNS(2), ROW_FNS(3), ROW_FNS(4), ROW_FNS(8)};
 
-static void store_rows(void *y, sq_dtype dt, int64_t base, int64_t n, const float *v) {
-    if (dt == SQ_F32) {
-        memcpy((float *)y + base, v, (size_t)n * sizeof(float));
-    } else {
-        for (int64_t i = 0; i < n; ++i) ((uint16_t *)y)[base + i] = sq_f32_to_bf16(v[i]);
-    }
-}
-
 int sq_pk_matmul_avx512(const sq_pk_params *p, const uint32_t *qweight, const float *scale_min, const void *x,
                         void *y) {
     int st = sq_pk_check(p);
@@ -171,13 +163,8 @@ int sq_pk_matmul_avx512(const sq_pk_params *p, const uint32_t *qweight, const fl
     const int64_t T = p->tokens, N = p->rows, K = p->cols, G = K / p->group, upg = p->group / SQ_PK_UNIT;
     const int64_t NU = K / SQ_PK_UNIT, NB = sq_pk_row_blocks(N), XL = sq_pk_xs_len(p);
     if (T == 0 || N == 0) return SQ_OK;
-    float *xs = sq_alloc((size_t)(T * XL) * sizeof(float));
-    float *xsum = sq_alloc((size_t)(T * G) * sizeof(float));
-    if (!xs || !xsum) {
-        free(xs);
-        free(xsum);
-        return SQ_ERR_NOMEM;
-    }
+    float *xs, *xsum;
+    if ((st = sq_pk_scratch(p, XL, &xs, &xsum))) return st;
     const row_block_fn *fn = fns[p->bits == 2 ? 0 : p->bits == 3 ? 1 : p->bits == 4 ? 2 : 3];
     const int tbmax = TB_MAX;
     const int nt = sq_threads(p->nthreads, sq_pk_thread_items(p, NB > T ? NB : T));
@@ -201,7 +188,7 @@ int sq_pk_matmul_avx512(const sq_pk_params *p, const uint32_t *qweight, const fl
                 const int nrb = (int)(NB - rb < PL_RB ? NB - rb : PL_RB);
                 const int64_t nr = N - r0 < nrb * SQ_PK_ROWS ? N - r0 : nrb * SQ_PK_ROWS;
                 pl_fns[p->bits - 2][nrb - 1](qweight + rb * rbq, rbq, scale_min + rb * rbs, rbs, G, upg, xs, xsum, out);
-                store_rows(y, p->y_dtype, r0, nr, out);
+                sq_pk_store_rows(y, p->y_dtype, r0, nr, out);
             }
         }
 #pragma omp for schedule(dynamic, 4)
@@ -211,7 +198,7 @@ int sq_pk_matmul_avx512(const sq_pk_params *p, const uint32_t *qweight, const fl
                 const int tb = (int)(T - t0 < tbmax ? T - t0 : tbmax);
                 fn[tb - 1](qweight + rb * NU * p->bits * SQ_PK_ROWS, scale_min + rb * G * 2 * SQ_PK_ROWS, G, upg,
                            xs + t0 * XL, XL, xsum + t0 * G, out);
-                for (int t = 0; t < tb; ++t) store_rows(y, p->y_dtype, (t0 + t) * N + r0, nr, out + t * SQ_PK_ROWS);
+                for (int t = 0; t < tb; ++t) sq_pk_store_rows(y, p->y_dtype, (t0 + t) * N + r0, nr, out + t * SQ_PK_ROWS);
             }
         }
     }

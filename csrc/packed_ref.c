@@ -62,13 +62,8 @@ int sq_pk_matmul_ref(const sq_pk_params *p, const uint32_t *qweight, const float
     const int64_t T = p->tokens, N = p->rows, K = p->cols, G = K / p->group, upg = p->group / SQ_PK_UNIT;
     const int64_t NU = K / SQ_PK_UNIT;
     if (T == 0 || N == 0) return SQ_OK;
-    float *xf = sq_alloc((size_t)(T * K) * sizeof(float));
-    float *xsum = sq_alloc((size_t)(T * G) * sizeof(float));
-    if (!xf || !xsum) {
-        free(xf);
-        free(xsum);
-        return SQ_ERR_NOMEM;
-    }
+    float *xf, *xsum;
+    if ((st = sq_pk_scratch(p, K, &xf, &xsum))) return st;
     for (int64_t t = 0; t < T; ++t) {
         sq_pk_prepare_token(p, x, t, NULL, xsum + t * G);
         for (int64_t k = 0; k < K; ++k) xf[t * K + k] = sq_pk_x(x, p->x_dtype, t * K + k);

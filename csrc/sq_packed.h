@@ -45,6 +45,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "sq_common.h"
 #include "sq_kernels.h"
 
 #define SQ_PK_ROWS 16
@@ -147,6 +148,27 @@ static inline void sq_pk_prepare_token(const sq_pk_params *p, const void *x, int
         const float v = sq_pk_x(x, p->x_dtype, base + k);
         const int c = (int)(k % cpw);
         xs[k] = sq_pk_planar(p->bits) || c == cpw - 1 ? v : v * sq_pk_pow2(-p->bits * c);
+    }
+}
+
+/* Shared by every kernel. */
+
+/* The per-call scratch: x as the kernel reads it (xlen floats per token) and its per-group sums. */
+static inline int sq_pk_scratch(const sq_pk_params *p, int64_t xlen, float **xs, float **xsum) {
+    *xs = (float *)sq_alloc((size_t)(p->tokens * xlen) * sizeof(float));
+    *xsum = (float *)sq_alloc((size_t)(p->tokens * (p->cols / p->group)) * sizeof(float));
+    if (*xs && *xsum) return SQ_OK;
+    free(*xs);
+    free(*xsum);
+    return SQ_ERR_NOMEM;
+}
+
+/* n fp32 sums to y[base .. base + n) in y's dtype. */
+static inline void sq_pk_store_rows(void *y, sq_dtype dt, int64_t base, int64_t n, const float *v) {
+    if (dt == SQ_F32) {
+        memcpy((float *)y + base, v, (size_t)n * sizeof(float));
+    } else {
+        for (int64_t i = 0; i < n; ++i) ((uint16_t *)y)[base + i] = sq_f32_to_bf16(v[i]);
     }
 }
 
