@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from c_extension import require_c
+from conftest import require_asset
 from sliderquant import bench
 
 
 @pytest.fixture(scope="module")
 def rows():
     require_c()
+    require_asset("stories260k")
     n = torch.get_num_threads()
     try:
         return bench.bench_calibrate("stories260k", nsamples=4, seqlen=64, batch_size=2, windows=((0, 1), (3, 4)),
@@ -47,6 +49,7 @@ def test_auto_precision_is_what_quantize_uses():
     from sliderquant import engine
     from sliderquant.config import QuantConfig
     require_c()
+    require_asset("stories260k")
     r = bench.bench_calibrate("stories260k", nsamples=2, seqlen=32, batch_size=2, windows=((0, 0),), threads=1,
                               precisions=("auto",), reps=1)
     assert r[0]["precision"] == engine.resolve_autocast(QuantConfig(), torch.device("cpu"))
