@@ -64,6 +64,31 @@ def ppl_of(logits_fn, wins: torch.Tensor) -> tuple[float, list[float]]:
     return math.exp(nll_sum / count), per_window
 
 
+def reader_ppl(logits_fn, wins: torch.Tensor, ref_logits0: torch.Tensor) -> dict:
+    """Perplexity over ``wins`` and the logit gap to ``ref_logits0`` on the first window, from one pass."""
+    first = []
+
+    def recording(ids):
+        out = logits_fn(ids)
+        if not first:
+            first.append(torch.as_tensor(out).float())
+        return out
+    ppl, per_window = ppl_of(recording, wins)
+    gap = (first[0] - ref_logits0).abs()
+    return {"ppl": ppl, "window_nll": per_window, "max_abs_dlogit_window0": float(gap.max()),
+            "mean_abs_dlogit_window0": float(gap.mean())}
+
+
+def finish_reader(r: dict, t0: float, entry: dict, doc: dict, path: Path, ok_text: str) -> None:
+    """Time, record, report and save one reader's row (``ok_text`` when it measured, else its error)."""
+    r["seconds"] = round(time.time() - t0, 1)
+    entry["readers"].append(r)
+    gc.collect()
+    print(f"    {r['reader']}: " + (ok_text.format(**r) if "ppl" in r else r["error"][:300]),
+          flush=True)
+    save(doc, path)
+
+
 def torch_logits(model):
     @torch.no_grad()
     def fn(ids):
@@ -243,48 +268,28 @@ def measure(args):
                 t0 = time.time()
                 try:
                     reader = loader(out, bits).eval()
-                    r["ppl"], r["window_nll"] = ppl_of(torch_logits(reader), wins[:args.windows])
-                    r["max_abs_dlogit_window0"] = float((torch_logits(reader)(wins[0]).float()
-                                                         - ref_logits0).abs().max())
+                    r.update(reader_ppl(torch_logits(reader), wins[:args.windows], ref_logits0))
                     r["delta"] = r["ppl"] - fq
                     del reader
                 except Exception as e:  # noqa: BLE001
                     r["error"] = f"{type(e).__name__}: {e}"[:2000]
-                r["seconds"] = round(time.time() - t0, 1)
-                entry["readers"].append(r)
-                gc.collect()
-                print(f"    {name}: " + (f"ppl {r['ppl']:.4f} (fake-quant {fq:.4f}), {r['seconds']} s"
-                                          if "ppl" in r else r["error"][:300]), flush=True)
-                save(doc, args.json)
+                finish_reader(r, t0, entry, doc, args.json,
+                              "ppl {ppl:.4f} (fake-quant " + f"{fq:.4f}" + "), {seconds} s")
             if fmt == "gguf" and args.llama_windows:
                 r = {"reader": "llama.cpp (cyllama 0.2.18, 2 threads)", "windows": args.llama_windows,
                      "load_before": load_avg()}
                 t0 = time.time()
                 try:
                     ll = LlamaCpp(str(out), args.threads)
-                    logits0 = None
-                    cache = {}
-
-                    def fn(ids, ll=ll, cache=cache):
-                        out_ = ll(ids)
-                        cache.setdefault("first", out_)
-                        return out_
-                    r["ppl"], r["window_nll"] = ppl_of(fn, wins[:args.llama_windows])
-                    logits0 = torch.from_numpy(cache["first"])
-                    r["max_abs_dlogit_window0"] = float((logits0 - ref_logits0).abs().max())
-                    r["mean_abs_dlogit_window0"] = float((logits0 - ref_logits0).abs().mean())
+                    r.update(reader_ppl(ll, wins[:args.llama_windows], ref_logits0))
                     r["fake_quant_ppl_same_windows"] = row["fake_quant_ppl_llama_windows"]
                     r["delta"] = r["ppl"] - row["fake_quant_ppl_llama_windows"]
                     del ll
                 except Exception as e:  # noqa: BLE001
                     r["error"] = f"{type(e).__name__}: {e}"[:2000]
-                r["seconds"] = round(time.time() - t0, 1)
-                entry["readers"].append(r)
-                gc.collect()
-                print(f"    llama.cpp: " + (f"ppl {r['ppl']:.4f} over {args.llama_windows} windows (fake-quant "
-                                            f"{row['fake_quant_ppl_llama_windows']:.4f}), {r['seconds']} s"
-                                            if "ppl" in r else r["error"][:300]), flush=True)
-                save(doc, args.json)
+                finish_reader(r, t0, entry, doc, args.json,
+                              "ppl {ppl:.4f} over {windows} windows (fake-quant {fake_quant_ppl_same_windows:.4f}), "
+                              "{seconds} s")
         del qmodel, ref_logits0
         gc.collect()
         row["load_after"] = load_avg()
