@@ -1,9 +1,11 @@
 /*
  * packed_avx2.c: sq_pk_matmul_ref with AVX2/FMA.  A row block is two halves of 8 rows (one ymm
- * each).  bits = 4, 8: each field is one AND (or shift) and one convert feeding one FMA per token
- * of the token block (up to 4 tokens share each unpacked field).  bits = 2, 3 (bit planes): one
- * table load and one FMA per plane, column and 8 rows for one token; for more, each code is rebuilt
- * from the table rows and shared by up to 4 tokens' FMAs.  Same sums and order as the reference.
+ * each).  bits = 2, 4, 8: each field is one AND (or shift) and one convert feeding one FMA per token
+ * of the token block (up to 4 tokens share each unpacked field); decode (one token) runs the four
+ * chains per group of sq_packed.h, for bits = 2 a multiply and an FMA per column pair and one add.
+ * bits = 3 (bit planes): one table load and one FMA per plane, column and 8 rows for one token; for
+ * more, each code is rebuilt from the table rows and shared by up to 4 tokens' FMAs.  Same sums and
+ * order as the reference.
  */
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma")
@@ -30,6 +32,69 @@ SQ_INLINE void word_fma256(__m256i v, const int fbits, const int cpw, const floa
 
 #define LOADW(p) _mm256_loadu_si256((const __m256i *)(p))
 
+SQ_INLINE __m256 field256(__m256i v, const int fbits, const int cpw, const int c) {
+    return _mm256_cvtepi32_ps(c == cpw - 1 ? _mm256_srli_epi32(v, fbits * c)
+                                           : _mm256_and_si256(v, _mm256_set1_epi32((int)(((1u << fbits) - 1u) << (fbits * c)))));
+}
+
+/* decode, one word of 8 rows into one chain (xw: the word's scaled x); bits = 2 per column pair
+ * p = fma(f1, x1, f0 * x0) then a + p, as the reference */
+SQ_INLINE __m256 word_decode256(const int bits, const uint32_t *wp, const float *xw, __m256 a) {
+    const __m256i v = LOADW(wp);
+    if (bits == 2) {
+#pragma GCC unroll 8
+        for (int c = 0; c < 16; c += 2) {
+            const __m256 p = _mm256_fmadd_ps(field256(v, 2, 16, c + 1), _mm256_broadcast_ss(xw + c + 1),
+                                             _mm256_mul_ps(field256(v, 2, 16, c), _mm256_broadcast_ss(xw + c)));
+            a = _mm256_add_ps(a, p);
+        }
+        return a;
+    }
+    word_fma256(v, bits, 32 / bits, xw, 0, 1, &a);
+    return a;
+}
+
+/* bits = 2, 4, 8, one token: 8 rows (q, sm offset to the half), SQ_PK_WCHAINS chains per group */
+SQ_INLINE void half_decode256(const int bits, const uint32_t *qrb, const float *smrb, int64_t G, int64_t upg,
+                              int64_t group, const float *xs, const float *xsum, float *out) {
+    const int64_t wpg = upg * bits;
+    const int cpw = 32 / bits;
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        const uint32_t *w = qrb + g * wpg * SQ_PK_ROWS;
+        const float *xg = xs + g * group;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#define WD(i, a) a = word_decode256(bits, w + (i) * SQ_PK_ROWS, xg + (i) * cpw, a)
+        int64_t i = 0;
+        for (; i + 4 <= wpg; i += 4) {
+            WD(i, a0);
+            WD(i + 1, a1);
+            WD(i + 2, a2);
+            WD(i + 3, a3);
+        }
+        if (i < wpg) WD(i, a0);
+        if (i + 1 < wpg) WD(i + 1, a1);
+        if (i + 2 < wpg) WD(i + 2, a2);
+#undef WD
+        const __m256 dot = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        total = _mm256_fmadd_ps(dot, _mm256_loadu_ps(smrb + g * 2 * SQ_PK_ROWS), total);
+        total = _mm256_fmadd_ps(_mm256_loadu_ps(smrb + g * 2 * SQ_PK_ROWS + SQ_PK_ROWS), _mm256_broadcast_ss(xsum + g),
+                                total);
+    }
+    _mm256_storeu_ps(out, total);
+}
+
+typedef void (*decode_fn)(const uint32_t *, const float *, int64_t, int64_t, int64_t, const float *, const float *,
+                          float *);
+#define DEF_DEC(B)                                                                                                 \
+    static void dec256_##B(const uint32_t *q, const float *sm, int64_t G, int64_t upg, int64_t group,               \
+                           const float *xs, const float *xsum, float *out) {                                        \
+        half_decode256(B, q, sm, G, upg, group, xs, xsum, out);                                                    \
+    }
+DEF_DEC(2)
+DEF_DEC(4)
+DEF_DEC(8)
+
 /* 8 rows (half h of a row block) times tb tokens into out[t][16] + 8h */
 SQ_INLINE void half_block256(const int bits, const int tb, const uint32_t *qrb, const float *smrb, int64_t G,
                              int64_t upg, const float *xs, int64_t xstride, const float *xsum, float *out) {
@@ -54,7 +119,7 @@ SQ_INLINE void half_block256(const int bits, const int tb, const uint32_t *qrb, 
     for (int t = 0; t < tb; ++t) _mm256_storeu_ps(out + t * SQ_PK_ROWS, total[t]);
 }
 
-/* bits = 2, 3: rows 8h .. 8h + 7 of a row block, one token, from bit planes.  A plane's mask byte
+/* bits = 3: rows 8h .. 8h + 7 of a row block, one token, from bit planes.  A plane's mask byte
  * for the 8 rows indexes lut (256 x 8 floats 0 / 1), and fma(bit, x, acc) adds x or +-0 exactly as
  * the reference's conditional add (a partial sum is never -0) */
 SQ_INLINE void half_planes256(const int bits, const int h, const uint32_t *qrb, const float *smrb, int64_t G,
@@ -87,7 +152,7 @@ SQ_INLINE void half_planes256(const int bits, const int h, const uint32_t *qrb, 
     _mm256_storeu_ps(out + h * HALF, total);
 }
 
-/* bits = 2, 3 with more than one token: rows 8h .. 8h + 7, tb tokens; each code is rebuilt from
+/* bits = 3 with more than one token: rows 8h .. 8h + 7, tb tokens; each code is rebuilt from
  * the planes' table rows (lut0 + 2 lut1 + 4 lut2, exact) and feeds one FMA per token */
 SQ_INLINE void half_codes256(const int bits, const int tb, const int h, const uint32_t *qrb, const float *smrb,
                              int64_t G, int64_t upg, const float *xs, int64_t xstride, const float *xsum,
@@ -126,14 +191,8 @@ typedef void (*codes_fn)(int, const uint32_t *, const float *, int64_t, int64_t,
                                  int64_t xstride, const float *xsum, const float (*lut)[HALF], float *out) {        \
         half_codes256(B, TB, h, q, sm, G, upg, xs, xstride, xsum, lut, out);                                        \
     }
-DEF_HC(2, 1) DEF_HC(2, 2) DEF_HC(2, 3) DEF_HC(2, 4) DEF_HC(3, 1) DEF_HC(3, 2) DEF_HC(3, 3) DEF_HC(3, 4)
-static const codes_fn codes_fns[2][TB_MAX] = {{hc256_2_1, hc256_2_2, hc256_2_3, hc256_2_4},
-                                              {hc256_3_1, hc256_3_2, hc256_3_3, hc256_3_4}};
-
-static void hbp256_2(int h, const uint32_t *q, const float *sm, int64_t G, int64_t upg, const float *xs,
-                     const float *xsum, const float (*lut)[HALF], float *out) {
-    half_planes256(2, h, q, sm, G, upg, xs, xsum, lut, out);
-}
+DEF_HC(3, 1) DEF_HC(3, 2) DEF_HC(3, 3) DEF_HC(3, 4)
+static const codes_fn codes_fns[TB_MAX] = {hc256_3_1, hc256_3_2, hc256_3_3, hc256_3_4};
 static void hbp256_3(int h, const uint32_t *q, const float *sm, int64_t G, int64_t upg, const float *xs,
                      const float *xsum, const float (*lut)[HALF], float *out) {
     half_planes256(3, h, q, sm, G, upg, xs, xsum, lut, out);
@@ -148,10 +207,11 @@ typedef void (*half_fn)(const uint32_t *, const float *, int64_t, int64_t, const
         half_block256(B, TB, q, sm, G, upg, xs, xstride, xsum, out);                                                \
     }
 #define DEF_BITS(B) DEF_HB(B, 1) DEF_HB(B, 2) DEF_HB(B, 3) DEF_HB(B, 4)
+DEF_BITS(2)
 DEF_BITS(4)
 DEF_BITS(8)
 #define HALF_FNS(B) {hb256_##B##_1, hb256_##B##_2, hb256_##B##_3, hb256_##B##_4}
-static const half_fn fns[2][TB_MAX] = {HALF_FNS(4), HALF_FNS(8)};
+static const half_fn fns[3][TB_MAX] = {HALF_FNS(2), HALF_FNS(4), HALF_FNS(8)};
 
 int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const float *scale_min, const void *x,
                       void *y) {
@@ -163,7 +223,8 @@ int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const floa
     float *xs, *xsum;
     if ((st = sq_pk_scratch(p, XL, &xs, &xsum))) return st;
     const int planar = sq_pk_planar(p->bits);
-    const half_fn *fn = fns[p->bits == 4 ? 0 : 1];
+    const half_fn *fn = fns[p->bits == 2 ? 0 : p->bits == 4 ? 1 : 2];
+    const decode_fn dfn = p->bits == 2 ? dec256_2 : p->bits == 4 ? dec256_4 : dec256_8;
     float lut[256][HALF]; /* bits of a mask byte as floats, for the plane kernels */
     for (int i = 0; i < 256; ++i)
         for (int r = 0; r < HALF; ++r) lut[i][r] = (float)((i >> r) & 1);
@@ -189,7 +250,7 @@ int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const floa
                 for (int64_t t0 = 0; t0 < T; t0 += TB_MAX) {
                     const int tb = (int)(T - t0 < TB_MAX ? T - t0 : TB_MAX);
                     for (int h = 0; h < (nr > HALF ? 2 : 1); ++h)
-                        codes_fns[p->bits - 2][tb - 1](h, q, sm, G, upg, xs + t0 * XL, XL, xsum + t0 * G,
+                        codes_fns[tb - 1](h, q, sm, G, upg, xs + t0 * XL, XL, xsum + t0 * G,
                                                        (const float(*)[HALF])lut, out);
                     for (int t = 0; t < tb; ++t) sq_pk_store_rows(y, p->y_dtype, (t0 + t) * N + r0, nr, out + t * SQ_PK_ROWS);
                 }
@@ -198,10 +259,16 @@ int sq_pk_matmul_avx2(const sq_pk_params *p, const uint32_t *qweight, const floa
             if (planar) {
                 for (int64_t t = 0; t < T; ++t) {
                     for (int h = 0; h < (nr > HALF ? 2 : 1); ++h)
-                        (p->bits == 2 ? hbp256_2 : hbp256_3)(h, q, sm, G, upg, xs + t * XL, xsum + t * G,
+                        hbp256_3(h, q, sm, G, upg, xs + t * XL, xsum + t * G,
                                                              (const float(*)[HALF])lut, out);
                     sq_pk_store_rows(y, p->y_dtype, t * N + r0, nr, out);
                 }
+                continue;
+            }
+            if (T == 1) { /* decode: four chains per group */
+                for (int h = 0; h < (nr > HALF ? 2 : 1); ++h)
+                    dfn(q + h * HALF, sm + h * HALF, G, upg, p->group, xs, xsum, out + h * HALF);
+                sq_pk_store_rows(y, p->y_dtype, r0, nr, out);
                 continue;
             }
             for (int64_t t0 = 0; t0 < T; t0 += TB_MAX) {

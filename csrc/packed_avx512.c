@@ -1,12 +1,14 @@
 /*
  * packed_avx512.c: sq_pk_matmul_ref with AVX-512F: one zmm holds the 16 rows of a row block.
- * bits = 4, 8: a word load gives 16 rows' codes, each field is one AND (or shift) and one convert,
- * and the convert feeds one FMA per token of the token block (up to 8 tokens share each unpacked
- * field: prefill); products are field * (x * 2^-offset) = q * x exactly, so the sums equal the
- * reference's.  bits = 2, 3: bit planes, one kmov and one masked add per plane and column, so the
- * work per column scales with the width (W2: 2 adds per 16 rows, where unpacking costs 3 ops);
- * with more than one token they rebuild each code from its masks (2-3 ops) and share it over up to
- * 8 tokens' FMAs, in the order sq_packed.h states for that case.
+ * bits = 2, 4, 8: a word load gives 16 rows' codes, each field is one AND (or shift) and one
+ * convert, and the convert feeds one FMA per token of the token block (up to 8 tokens share each
+ * unpacked field: prefill); products are field * (x * 2^-offset) = q * x exactly, so the sums equal
+ * the reference's.  Decode (one token) runs four chains of FMAs per group (bits = 4, 8), and for
+ * bits = 2 one shift, one permute (vpermps: the low 4 bits of each lane, a column pair's codes,
+ * pick one of the pair's 16 precomputed products) and one add per pair of columns and 16 rows:
+ * 1.5 ops a column where 4 bits need 3.  bits = 3: bit planes, one kmov and one masked add per
+ * plane and column; with more than one token each code is rebuilt from its masks (2-3 ops) and
+ * shared over up to 8 tokens' FMAs, in the order sq_packed.h states for that case.
  */
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx2,fma")
@@ -69,12 +71,80 @@ SQ_INLINE void row_block512(const int bits, const int tb, const uint32_t *qrb, c
     for (int t = 0; t < tb; ++t) _mm512_storeu_ps(out + t * SQ_PK_ROWS, total[t]);
 }
 
+/* decode, one word of 16 rows into one chain: bits = 4, 8 fields of xw (scaled x); bits = 2 the
+ * word's 8 column pairs looked up in tab (16 floats per pair) */
+SQ_INLINE __m512 word_decode512(const int bits, const uint32_t *wp, const float *xw, const float *tab, __m512 a) {
+    const __m512i v = _mm512_loadu_si512(wp);
+    if (bits == 2) {
+#pragma GCC unroll 8
+        for (int n = 0; n < 8; ++n) {
+            const __m512i idx = n == 0 ? v : _mm512_srli_epi32(v, (unsigned)(4 * n));
+            a = _mm512_add_ps(a, _mm512_permutexvar_ps(idx, _mm512_loadu_ps(tab + 16 * n)));
+        }
+        return a;
+    }
+    word_fma512(v, bits, 32 / bits, xw, 0, 1, &a);
+    return a;
+}
+
+/* bits = 2, 4, 8, one token: one row block, SQ_PK_WCHAINS chains per group (word i -> chain i % 4) */
+SQ_INLINE void decode512(const int bits, const uint32_t *qrb, const float *smrb, int64_t G, int64_t upg,
+                         int64_t group, const float *xs, const float *tab, const float *xsum, float *out) {
+    const int64_t wpg = upg * bits;
+    const int cpw = 32 / bits;
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        const uint32_t *w = qrb + g * wpg * SQ_PK_ROWS;
+        const float *xg = xs + g * group, *tg = bits == 2 ? tab + g * group * 8 : NULL; /* 16 floats per 2 columns */
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#define WD(i, a) a = word_decode512(bits, w + (i) * SQ_PK_ROWS, xg + (i) * cpw, bits == 2 ? tg + (i) * 128 : NULL, a)
+        int64_t i = 0;
+        for (; i + 4 <= wpg; i += 4) {
+            WD(i, a0);
+            WD(i + 1, a1);
+            WD(i + 2, a2);
+            WD(i + 3, a3);
+        }
+        if (i < wpg) WD(i, a0);
+        if (i + 1 < wpg) WD(i + 1, a1);
+        if (i + 2 < wpg) WD(i + 2, a2);
+#undef WD
+        const __m512 dot = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+        total = _mm512_fmadd_ps(dot, _mm512_loadu_ps(smrb + g * 2 * SQ_PK_ROWS), total);
+        total = _mm512_fmadd_ps(_mm512_loadu_ps(smrb + g * 2 * SQ_PK_ROWS + SQ_PK_ROWS), _mm512_set1_ps(xsum[g]), total);
+    }
+    _mm512_storeu_ps(out, total);
+}
+
+typedef void (*decode_fn)(const uint32_t *, const float *, int64_t, int64_t, int64_t, const float *, const float *,
+                          const float *, float *);
+#define DEF_DEC(B)                                                                                                 \
+    static void dec512_##B(const uint32_t *q, const float *sm, int64_t G, int64_t upg, int64_t group,               \
+                           const float *xs, const float *tab, const float *xsum, float *out) {                      \
+        decode512(B, q, sm, G, upg, group, xs, tab, xsum, out);                                                    \
+    }
+DEF_DEC(2)
+DEF_DEC(4)
+DEF_DEC(8)
+
+/* bits = 2, decode: every column pair's 16 products, tab[16 i + q0 + 4 q1] = fma(q1, x1, q0 * x0),
+ * as sq_pk_pair_table computes them */
+static void pair_tables512(const sq_pk_params *p, const void *x, float *tab) {
+    const __m512 lo = _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+    const __m512 hi = _mm512_setr_ps(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    for (int64_t i = 0; i < p->cols / 2; ++i) {
+        const __m512 x0 = _mm512_set1_ps(sq_pk_x(x, p->x_dtype, 2 * i));
+        const __m512 x1 = _mm512_set1_ps(sq_pk_x(x, p->x_dtype, 2 * i + 1));
+        _mm512_storeu_ps(tab + 16 * i, _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0)));
+    }
+}
+
 /* acc += x in the rows whose bit is set in the 16-bit mask at mem: kmovw from memory and one
  * masked add (written out: GCC 12 loads the mask through a general register, a port-5 kmov) */
 #define PLANE_ADD(acc, mem, xb)                                                                                   \
     __asm__("kmovw %[mk], %%k1\n\tvaddps %[x], %[a], %[a]%{%%k1%}" : [a] "+v"(acc) : [mk] "m"(mem), [x] "v"(xb) : "k1")
 
-/* bits = 2, 3: tb tokens times nrb row blocks (slot i = t * nrb + r into out + 16 i, at most 4 slots)
+/* bits = 3: tb tokens times nrb row blocks (slot i = t * nrb + r into out + 16 i, at most 4 slots)
  * from bit planes.  Per column, a plane's 16-bit row mask goes from memory into a mask register and
  * one masked add puts x into that plane's partial sum: `bits` adds per column and 16 rows.  In
  * decode up to four row blocks share each broadcast of x (else loads, not adds, would limit it) */
@@ -128,17 +198,12 @@ typedef void (*planes_fn)(const uint32_t *, int64_t, const float *, int64_t, int
                                 int64_t upg, const float *xs, const float *xsum, float *out) {                      \
         planes512(B, 1, R, q, rbq, sm, rbs, G, upg, xs, 0, xsum, out);                                              \
     }
-DEF_PL(2, 1)
-DEF_PL(2, 2)
-DEF_PL(2, 3)
-DEF_PL(2, 4)
 DEF_PL(3, 1)
 DEF_PL(3, 2)
 DEF_PL(3, 3)
 DEF_PL(3, 4)
 #define PL_RB 4 /* row blocks per call in decode */
-static const planes_fn pl_fns[2][PL_RB] = {{pl512_2_1, pl512_2_2, pl512_2_3, pl512_2_4},
-                                           {pl512_3_1, pl512_3_2, pl512_3_3, pl512_3_4}};
+static const planes_fn pl_fns[PL_RB] = {pl512_3_1, pl512_3_2, pl512_3_3, pl512_3_4};
 
 typedef void (*row_block_fn)(const uint32_t *, const float *, int64_t, int64_t, const float *, int64_t, const float *,
                              float *);
@@ -170,9 +235,33 @@ int sq_pk_matmul_avx512(const sq_pk_params *p, const uint32_t *qweight, const fl
     const int nt = sq_threads(p->nthreads, sq_pk_thread_items(p, NB > T ? NB : T));
     /* a few tokens (decode) are prepared serially: a barrier costs more than K elements; the row
      * blocks go in small dynamic chunks so a thread the OS preempts does not hold up the others */
-    const int serial_prep = T * K < (1 << 16);
-    if (serial_prep)
+    const int serial_prep = T * K < (1 << 16), fields_decode = T == 1 && !sq_pk_planar(p->bits);
+    if (serial_prep || fields_decode)
         for (int64_t t = 0; t < T; ++t) sq_pk_prepare_token(p, x, t, xs + t * XL, xsum + t * G);
+    float *tab = NULL;
+    if (fields_decode && p->bits == 2) {
+        if (!(tab = (float *)sq_alloc((size_t)K * 8 * sizeof(float)))) {
+            free(xs);
+            free(xsum);
+            return SQ_ERR_NOMEM;
+        }
+        pair_tables512(p, x, tab);
+    }
+    if (fields_decode) { /* one token: row blocks, four chains per group */
+        const decode_fn dfn = p->bits == 2 ? dec512_2 : p->bits == 4 ? dec512_4 : dec512_8;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
+        for (int64_t rb = 0; rb < NB; ++rb) {
+            float out[SQ_PK_ROWS];
+            const int64_t r0 = rb * SQ_PK_ROWS, nr = N - r0 < SQ_PK_ROWS ? N - r0 : SQ_PK_ROWS;
+            dfn(qweight + rb * NU * p->bits * SQ_PK_ROWS, scale_min + rb * G * 2 * SQ_PK_ROWS, G, upg, p->group, xs,
+                tab, xsum, out);
+            sq_pk_store_rows(y, p->y_dtype, r0, nr, out);
+        }
+        free(tab);
+        free(xs);
+        free(xsum);
+        return SQ_OK;
+    }
 #pragma omp parallel num_threads(nt)
     {
         if (!serial_prep) {
@@ -187,7 +276,7 @@ int sq_pk_matmul_avx512(const sq_pk_params *p, const uint32_t *qweight, const fl
                 const int64_t rb = PL_RB * quad, r0 = rb * SQ_PK_ROWS;
                 const int nrb = (int)(NB - rb < PL_RB ? NB - rb : PL_RB);
                 const int64_t nr = N - r0 < nrb * SQ_PK_ROWS ? N - r0 : nrb * SQ_PK_ROWS;
-                pl_fns[p->bits - 2][nrb - 1](qweight + rb * rbq, rbq, scale_min + rb * rbs, rbs, G, upg, xs, xsum, out);
+                pl_fns[nrb - 1](qweight + rb * rbq, rbq, scale_min + rb * rbs, rbs, G, upg, xs, xsum, out);
                 sq_pk_store_rows(y, p->y_dtype, r0, nr, out);
             }
         }

@@ -1,6 +1,6 @@
 /*
  * packed_ref.c: y = x W^T with W in the packed low-bit layout of sq_packed.h, the scalar reference.
- * The source of truth: each code (bits = 4, 8) or code bit (bits = 2, 3)
+ * The source of truth: each code (bits = 2, 4, 8) or code bit (bits = 3)
  * is decoded on its own and summed in the order that sq_packed.h states, so the SIMD twins agree with it bit for bit on finite inputs.
  */
 #include <math.h>
@@ -15,7 +15,7 @@ static void store_y(void *y, sq_dtype dt, int64_t idx, float v) {
         ((uint16_t *)y)[idx] = sq_f32_to_bf16(v);
 }
 
-/* sum over one unit of one row (bits = 4, 8): codes times x in storage order */
+/* sum over one unit of one row (bits = 2, 4, 8; prefill): codes times x in storage order */
 static float unit_dot_ref(const uint32_t *words, int lane, int bits, const float *xu, float acc) {
     const int cpw = 32 / bits;
     const uint32_t mask = (1u << bits) - 1u;
@@ -26,7 +26,30 @@ static float unit_dot_ref(const uint32_t *words, int lane, int bits, const float
     return acc;
 }
 
-/* one group of one row (bits = 2, 3: bit planes): the partial sums of sq_packed.h */
+/* one group of one row (bits = 2, 4, 8; decode): four chains over the group's words, as sq_packed.h
+ * states; qg is the group's first word of the row block, xg the group's x */
+static float group_dot_decode_ref(const uint32_t *qg, int lane, int bits, int64_t words, const float *xg) {
+    float acc[SQ_PK_WCHAINS] = {0.0f};
+    const int cpw = 32 / bits;
+    const uint32_t mask = (1u << bits) - 1u;
+    for (int64_t i = 0; i < words; ++i) {
+        const uint32_t w = qg[i * SQ_PK_ROWS + lane];
+        const float *xw = xg + i * cpw;
+        float a = acc[i % SQ_PK_WCHAINS];
+        if (bits == 2) {
+            for (int c = 0; c < cpw; c += 2) {
+                const float p = fmaf((float)((w >> (2 * c + 2)) & 3u), xw[c + 1], (float)((w >> (2 * c)) & 3u) * xw[c]);
+                a = a + p;
+            }
+        } else {
+            for (int c = 0; c < cpw; ++c) a = fmaf((float)((w >> (bits * c)) & mask), xw[c], a);
+        }
+        acc[i % SQ_PK_WCHAINS] = a;
+    }
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+/* one group of one row (bits = 3: bit planes): the partial sums of sq_packed.h */
 static float group_dot_planes_ref(const uint32_t *qrb, int lane, int bits, int64_t u0, int64_t upg, const float *xg) {
     float acc[3][SQ_PK_CHAINS] = {{0.0f}};
     for (int64_t u = 0; u < upg; ++u) {
@@ -40,7 +63,7 @@ static float group_dot_planes_ref(const uint32_t *qrb, int lane, int bits, int64
     return dot;
 }
 
-/* one group of one row (bits = 2, 3) in a call of more than one token: codes from the planes, one
+/* one group of one row (bits = 3) in a call of more than one token: codes from the planes, one
  * fmaf per code in column order */
 static float group_dot_codes_ref(const uint32_t *qrb, int lane, int bits, int64_t u0, int64_t upg, const float *xg) {
     float acc = 0.0f;
@@ -83,6 +106,9 @@ int sq_pk_matmul_ref(const sq_pk_params *p, const uint32_t *qweight, const float
                 else if (sq_pk_planar(p->bits))
                     acc = group_dot_planes_ref(qweight + rb * NU * p->bits * SQ_PK_ROWS, lane, p->bits, g * upg, upg,
                                                xf + t * K + g * p->group);
+                else if (T == 1)
+                    acc = group_dot_decode_ref(qweight + (rb * NU + g * upg) * p->bits * SQ_PK_ROWS, lane, p->bits,
+                                               upg * p->bits, xf + g * p->group);
                 else
                     for (int64_t u = g * upg; u < (g + 1) * upg; ++u)
                         acc = unit_dot_ref(qweight + (rb * NU + u) * p->bits * SQ_PK_ROWS, lane, p->bits,

@@ -14,27 +14,36 @@
  *     group size a multiple of 32 that divides K (per-channel: group = K), so no unit straddles a group;
  *   - qweight is uint32 [n_row_blocks][K / 32][bits][16]: one unit of one row block is `bits` words
  *     per row, and the 16 rows' words of one word index are adjacent (one zmm / two ymm loads);
- *   - inside a unit, for bits = 4, 8: word j holds columns j*cpw .. j*cpw + cpw - 1 (cpw = 32/bits),
- *     column j*cpw + c in bits [bits*c, bits*c + bits) (little end first);
- *   - bits = 2 and 3 are bit planes: the unit's words, read as uint16 [bits][32] (little-endian
- *     halves: element 2i is the low half of word i), hold in element [b][c] bit b of the codes of
- *     the block's 16 rows at column c, row i in bit i (an AVX-512 mask register per plane and column);
+ *   - inside a unit, for bits = 2, 4, 8: word j holds columns j*cpw .. j*cpw + cpw - 1 (cpw = 32/bits),
+ *     column j*cpw + c in bits [bits*c, bits*c + bits) (little end first); for bits = 2 a nibble
+ *     of a word is a column pair, q[2i] + 4 q[2i+1], the index of a 16-entry table (decode);
+ *   - bits = 3 is bit planes: the unit's words, read as uint16 [3][32] (little-endian halves:
+ *     element 2i is the low half of word i), hold in element [b][c] bit b of the codes of the
+ *     block's 16 rows at column c, row i in bit i (an AVX-512 mask register per plane and column);
  *   - scale_min is float32 [n_row_blocks][n_groups][2][16]: the 16 rows' scales, then their mins.
  *
  * Summation order, shared by every ISA so that they agree bit for bit on finite inputs; per row
  * and token, per group:
- *   - bits = 4, 8: an fp32 accumulator runs over the group's units, words and fields in storage
- *     order with one fused multiply-add per code; the SIMD kernels multiply the masked field
- *     (q * 2^offset, exact) by x * 2^-offset (exact unless |x| < ~2^-96 underflows), so their
- *     products equal the reference's q * x;
- *   - bits = 2, 3 (planes): SQ_PK_CHAINS = 2 fp32 partial sums per plane b, acc[b][k % 2], each
+ *   - bits = 2, 4, 8 in a call of one token (decode): SQ_PK_WCHAINS = 4 fp32 partial sums; the
+ *     group's words, counted in storage order from its first word, go to partial sum (word % 4);
+ *     inside a word, bits = 4, 8: one fused multiply-add per code, fields in order;
+ *     bits = 2: per column pair, fields in order, p = fma(q1, x1, q0 * x0) and acc = acc + p (the
+ *     AVX-512 kernel looks p up in a per-call table of the 16 pairs of codes: one permute per pair
+ *     of columns and 16 rows); the group's sum is (acc0 + acc1) + (acc2 + acc3).  Four chains
+ *     hide the latency of the adds: with one, a decode ran at the FMA latency, not the bandwidth;
+ *   - bits = 2, 4, 8 in a call of more tokens (prefill): one fp32 accumulator runs over the
+ *     group's units, words and fields in storage order with one fused multiply-add per code (the
+ *     token block's FMAs are the independent chains there);
+ *     the SIMD kernels multiply the masked field (q * 2^offset, exact) by x * 2^-offset (exact
+ *     unless |x| < ~2^-96 underflows), so their products equal the reference's q * x;
+ *   - bits = 3 (planes): SQ_PK_CHAINS = 2 fp32 partial sums per plane b, acc[b][k % 2], each
  *     adds x[k] for the columns k of the group, in order, whose code has bit b set (k % 2 counts
  *     from the group's first column; planes in order inside a column); then per plane
  *     ps_b = acc[b][0] + acc[b][1] and acc = fma(2^b, ps_b, acc) for
- *     b = 0, 1, ... from acc = 0: no multiply per code, bits adds per column and 16 rows.  This
+ *     b = 0, 1, ... from acc = 0: no multiply per code, 3 adds per column and 16 rows.  This
  *     is the order of a call with one token (decode); a call with more tokens (prefill) rebuilds
  *     each code from its planes and sums one fused multiply-add per code in column order, as for
- *     bits = 4, 8, so the unpacking is shared by the tokens of a block;
+ *     bits = 2, 4, 8, so the unpacking is shared by the tokens of a block;
  * then total = fma(acc, scale, total) and total = fma(min, xsum_g, total), groups in order.
  * NaN and Inf in x propagate as in a float matmul (not checked; the plane kernels of AVX2 multiply
  * x by 0 for a clear bit, so there an Inf x may give NaN where the others skip it).
@@ -42,6 +51,7 @@
 #ifndef SQ_PACKED_H
 #define SQ_PACKED_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -50,9 +60,11 @@
 
 #define SQ_PK_ROWS 16
 #define SQ_PK_UNIT 32
-#define SQ_PK_CHAINS 2 /* partial sums per plane (bits = 2, 3) */
+#define SQ_PK_CHAINS 2 /* partial sums per plane (bits = 3) */
 
-static inline int sq_pk_planar(int bits) { return bits == 2 || bits == 3; }
+#define SQ_PK_WCHAINS 4 /* partial sums per group in decode (bits = 2, 4, 8) */
+
+static inline int sq_pk_planar(int bits) { return bits == 3; }
 
 _Static_assert(SQ_PK_ROWS * sizeof(uint32_t) == 64, "a row block's word is one 64-byte zmm / cache line");
 _Static_assert(SQ_PK_UNIT == 8 * sizeof(uint32_t), "a unit is 32 columns: bits words of 32 bits per row");
@@ -130,9 +142,9 @@ static inline float sq_pk_pow2(int e) {
 
 /*
  * Per token: xsum[g] (sequential fp32 sums over each group) and, when xs is not NULL, x as fp32,
- * for bits = 4, 8 scaled for the SIMD field extraction: a field at bit offset o extracted by
+ * for bits = 2, 4, 8 scaled for the SIMD field extraction: a field at bit offset o extracted by
  * masking is q * 2^o, so its x is multiplied by 2^-o; the top field of a word is extracted by a
- * shift and keeps x.  The plane kernels (bits = 2, 3) read x as it is.
+ * shift and keeps x.  The plane kernels (bits = 3) read x as it is.
  */
 static inline void sq_pk_prepare_token(const sq_pk_params *p, const void *x, int64_t t, float *xs, float *xsum) {
     const int64_t K = p->cols, G = K / p->group;
@@ -149,6 +161,12 @@ static inline void sq_pk_prepare_token(const sq_pk_params *p, const void *x, int
         const int c = (int)(k % cpw);
         xs[k] = sq_pk_planar(p->bits) || c == cpw - 1 ? v : v * sq_pk_pow2(-p->bits * c);
     }
+}
+
+/* bits = 2, decode: the 16 products of one column pair, tab[q0 + 4 q1] = fma(q1, x1, q0 * x0)
+ * (the order sq_packed.h states; the reference computes each p the same way) */
+static inline void sq_pk_pair_table(float x0, float x1, float *tab) {
+    for (int i = 0; i < 16; ++i) tab[i] = fmaf((float)(i >> 2), x1, (float)(i & 3) * x0);
 }
 
 /* Shared by every kernel. */

@@ -6,8 +6,8 @@ input columns, and ``W = (q - zero) * scale``.  Packed, the C kernels (``csrc/pa
     y[t, r] = sum_g  scale[r,g] * sum_{k in g} q[r,k] x[t,k]  +  min[r,g] * sum_{k in g} x[t,k]
 
 with ``min = -scale * zero`` and the group sums of ``x`` computed once per call.  The layout (rows
-in blocks of 16 so one zmm holds a block, columns in units of 32; 4- and 8-bit codes as fields of
-32-bit words, 2- and 3-bit codes as bit planes, one 16-bit row mask per plane and column) is written
+in blocks of 16 so one zmm holds a block, columns in units of 32; 2-, 4- and 8-bit codes as fields of
+32-bit words, 3-bit codes as bit planes, one 16-bit row mask per plane and column) is written
 down once in ``csrc/sq_packed.h``; :func:`pack_codes` writes it and
 :func:`unpack_codes` reads it back.  Symmetric codes are stored shifted by ``2^(bits-1)`` (zero
 becomes ``2^(bits-1)``), 5- to 7-bit codes in 8-bit containers.
@@ -17,10 +17,11 @@ becomes ``2^(bits-1)``), 5- to 7-bit codes in 8-bit containers.
 ``load_packed(dir)`` does both.  Memory of a packed linear: ``bits / 16`` of its bf16 weight plus
 8 bytes per row and group (fp32 scale and min).
 
-Accuracy: the kernels sum in fp32 (per group: one FMA per code for 4 and 8 bits, and for 2 and 3
-bits in calls of several tokens; for 2 and 3 bits in a one-token call (decode), per plane two partial
-sums of the ``x`` whose code has that bit set, combined as ``sum_b 2^b``, so one token's output may
-differ in the last bits between a decode and a prefill call; then ``scale`` and ``min``), so they
+Accuracy: the kernels sum in fp32 (per group: one FMA per code in calls of several tokens; in a
+one-token call (decode) four interleaved partial sums over the group's words, for 2 bits one
+product pair ``q0 x0 + q1 x1`` per column pair, and for 3 bits per plane two partial sums of the
+``x`` whose code has that bit set, combined as ``sum_b 2^b``; so one token's output may differ in
+the last bits between a decode and a prefill call; then ``scale`` and ``min``), so they
 differ from a float64 ``x @ dequantize(...).T`` by at most about ``K * eps32 * sum |x| (|q| + |zero|) |scale|``
 per output; the reference and the AVX2 / AVX-512 kernels agree bit for bit.  NaN and Inf in ``x``
 propagate as in a float matmul (they are not checked: a decode loop cannot afford a scan per call).
@@ -74,7 +75,7 @@ def pack_codes(q: Tensor, bits: int) -> Tensor:
     if nb * ROWS != rows:
         q = torch.cat([q, q.new_zeros(nb * ROWS - rows, cols)])
 
-    if bits in (2, 3):  # bit planes: uint16 [nb][nu][bits][32], row i of the block in bit i
+    if bits == 3:  # bit planes: uint16 [nb][nu][3][32], row i of the block in bit i
         v = q.reshape(nb, ROWS, nu, UNIT)
         planes = torch.stack([(v >> b) & 1 for b in range(bits)], dim=3)  # (nb, 16, nu, bits, 32)
         m = (planes << torch.arange(ROWS).view(1, ROWS, 1, 1, 1)).sum(1)  # (nb, nu, bits, 32)
@@ -93,7 +94,7 @@ def pack_codes(q: Tensor, bits: int) -> Tensor:
 def unpack_codes(qweight: Tensor, rows: int, bits: int) -> Tensor:
     """The inverse of :func:`pack_codes`: int64 codes (rows, in)."""
     nb, nu, nw, _ = qweight.shape
-    if bits in (2, 3):
+    if bits == 3:
         m = qweight.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF  # (nb, nu, bits, 32)
         rowbits = (m.unsqueeze(1) >> torch.arange(ROWS).view(1, ROWS, 1, 1, 1)) & 1  # (nb, 16, nu, bits, 32)
         q = (rowbits << torch.arange(bits).view(1, 1, 1, bits, 1)).sum(3)

@@ -85,7 +85,7 @@ def test_pack_words_by_hand():
     q[1, 8] = 15                                   # 4-bit: row 1, word 1, field 0
     w = packed.pack_codes(q, 4)
     assert w[0, 0, 0, 0].item() == 0x76543210 and w[0, 0, 1, 1].item() == 15 and int(w.count_nonzero()) == 2
-    # 2 and 3 bits: bit planes, uint16 [bits][32] per unit (row i in bit i), as int32 words of two halves
+    # 3 bits: bit planes, uint16 [3][32] per unit (row i in bit i), as int32 words of two halves
     q3 = torch.zeros(16, 32, dtype=torch.int64)
     q3[0, 0], q3[0, 17], q3[1, 31] = 5, 6, 7
     w3 = packed.pack_codes(q3, 3)
@@ -94,10 +94,14 @@ def test_pack_words_by_hand():
     assert w3[0, 0, 1, 8].item() == 1 << 16 and w3[0, 0, 1, 15].item() == 2 << 16       # bit 1: col 17 row 0, col 31 row 1
     assert w3[0, 0, 2, 0].item() == 1 and w3[0, 0, 2, 8].item() == 1 << 16 and w3[0, 0, 2, 15].item() == 2 << 16
     assert int(w3.count_nonzero()) == 7
+    # 2 bits: 16 fields a word, a nibble is a column pair q[2i] + 4 q[2i+1] (the decode table's index)
     q2 = torch.zeros(16, 32, dtype=torch.int64)
-    q2[15, 1] = 3                                        # row 15: the top bit of a half; col 1: the high half
+    q2[0, 0], q2[0, 1] = 1, 2                            # row 0, pair 0: nibble 0 = 1 + 4 * 2
+    q2[15, 31] = 3                                       # row 15, column 31: word 1, top field
     w2 = packed.pack_codes(q2, 2)
-    assert w2[0, 0, 0, 0].item() == w2[0, 0, 1, 0].item() == -(1 << 31) and int(w2.count_nonzero()) == 2
+    assert w2.shape == (1, 1, 2, 16)
+    assert w2[0, 0, 0, 0].item() == 9
+    assert w2[0, 0, 1, 15].item() & 0xFFFFFFFF == 3 << 30 and int(w2.count_nonzero()) == 2
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -312,8 +316,10 @@ def test_load_packed_from_a_saved_directory(smollm2_w4, tmp_path):
     assert float((got - want).abs().max()) <= 2e-4 * float(want.abs().max())
 
 
-def test_packed_smollm2_w2_planes_match_fake_quant():
-    """The 2-bit plane kernels in a whole model (decode path too): SmolLM2 W2 g64, packed vs fake-quantized."""
+@pytest.mark.parametrize("bits", [2, 3])
+def test_packed_smollm2_low_bits_match_fake_quant(bits):
+    """The 2-bit (pair-table decode) and 3-bit (planes) kernels in a whole model, decode path too:
+    SmolLM2 W2/W3 g64, packed vs fake-quantized."""
     import sliderquant
     from sliderquant import data
     try:
@@ -322,7 +328,7 @@ def test_packed_smollm2_w2_planes_match_fake_quant():
         pytest.skip(str(exc))
     torch.set_num_threads(2)
     fake, tok = data.load_model("smollm2-135m")
-    sliderquant.quantize(fake, {"method": "rtn", "wbits": 2, "group_size": 64}, None)
+    sliderquant.quantize(fake, {"method": "rtn", "wbits": bits, "group_size": 64}, None)
     fake.eval()
     model = packed.pack_model(copy.deepcopy(fake))
     ids = tok("Once upon a time", return_tensors="pt").input_ids
