@@ -92,3 +92,89 @@ def test_threads_rows_and_no_busy_loop_left_behind():
     for r in rows:
         assert r["config"] == "passive" and len(r["times"]) == 1 and r["median_s"] > 0
         assert r["load_processes"] == (1 if r["state"] == "loaded" else 0) and len(r["loadavg"][0]) == 3
+
+
+# ---- bench infer: llama.cpp decode rows (stories260K, tiny settings) ------------------------------
+def _infer_args(*extra):
+    import argparse
+    from sliderquant import bench_infer
+    return bench_infer.add_args(argparse.ArgumentParser()).parse_args(
+        ["--model", "stories260k", "--shapes", "64x128", "--batches", "1", "--bits", "4", "--working-set-mib", "1",
+         "--rounds", "1", "--decode-rounds", "1", "--threads", "1", *extra])
+
+
+def _run_infer(*extra):
+    from sliderquant import bench_infer
+    n = torch.get_num_threads()
+    try:
+        return bench_infer.run(_infer_args(*extra))
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_infer_llama_cpp_rows_beside_ours(capsys):
+    """W4 g128 RTN on stories260K (64-wide rows per channel -> Q4_1; the 172-wide down_proj -> F16), 8 new
+    tokens: both llama.cpp rows are there, timed, labelled, and greedy llama.cpp repeats its tokens."""
+    from sliderquant import bench_infer
+    from test_export_gguf import require_module
+    require_c()
+    require_asset("stories260k")
+    require_module("cyllama")
+    rows = _run_infer("--decode-tokens", "8")
+    decode = {r["impl"]: r for r in rows if r["kind"] == "decode"}
+    assert list(decode) == ["bf16 model", "packed W4 model", "llama.cpp Q4_1", "llama.cpp F16"]
+    for impl in ("llama.cpp Q4_1", "llama.cpp F16"):
+        r = decode[impl]
+        assert r["tokens_per_s"] > 0 and r["generation_tokens_per_s"] > 0 and r["prompt_ms"] > 0
+        assert r["new_tokens"] == 8 and r["generation_tokens"] == 7 and r["threads"] == 1
+        assert "cyllama 0.2.18" in r["reader"] and r["reader"].startswith("llama.cpp ggml ")
+        assert r["same_tokens_every_round"] and len(r["first_tokens"]) == 8     # warm-up and round: same tokens
+    assert decode["llama.cpp Q4_1"]["gguf_types"] == "Q4_1+F16" and decode["llama.cpp F16"]["gguf_types"] == "F16"
+    assert decode["llama.cpp Q4_1"]["decoder_linear_bytes"] < decode["llama.cpp F16"]["decoder_linear_bytes"]
+    assert decode["llama.cpp Q4_1"]["speedup_vs_f16"] == pytest.approx(
+        decode["llama.cpp Q4_1"]["tokens_per_s"] / decode["llama.cpp F16"]["tokens_per_s"])
+    ours = decode["packed W4 model"]
+    assert ours["tokens_per_s_ratio_to"]["llama.cpp Q4_1"] == pytest.approx(
+        ours["tokens_per_s"] / decode["llama.cpp Q4_1"]["tokens_per_s"])
+    bench_infer.print_table(rows)
+    out = capsys.readouterr().out
+    assert "decode stories260k llama.cpp Q4_1" in out and "generation alone" in out
+
+
+def test_infer_llama_cpp_f16_greedy_is_repeatable_and_agrees_with_transformers(tmp_path):
+    """The F16 baseline file is the unquantized model: llama.cpp's first greedy token on it is
+    transformers' on the fp32 model, and a second decode gives the same 8 tokens."""
+    from sliderquant import bench_infer, data
+    from test_export_gguf import require_module
+    require_asset("stories260k")
+    require_module("cyllama")
+    model, tok = data.load_model("stories260k")
+    path = str(tmp_path / "f16.gguf")
+    summary = bench_infer.export_float_gguf(model, tok, path)
+    assert summary["type_counts"] == {"F16": 1 + 7 * 5, "F32": 1 + 2 * 5}
+    assert getattr(model, "sliderquant_state", None) is None          # the stand-in state is gone
+    ids = tok("The history of the city begins", return_tensors="pt").input_ids
+    with torch.no_grad():
+        first = int(model(ids).logits[0, -1].argmax())
+    dec = bench_infer.LlamaCppDecode(path, ids[0].tolist(), 8, 1)
+    try:
+        a, b = dec(), dec()
+    finally:
+        dec.close()
+    assert a == b and len(a) == 8
+    assert a[0] == first
+
+
+def test_infer_without_cyllama_says_why(monkeypatch, capsys):
+    """No cyllama: the torch rows as before, and one line saying why the llama.cpp rows are missing."""
+    import sys
+    from sliderquant import bench_infer
+    require_c()
+    require_asset("stories260k")
+    monkeypatch.setitem(sys.modules, "cyllama", None)       # find_spec("cyllama") -> None: not installed
+    rows = _run_infer("--decode-tokens", "2")
+    assert [r["impl"] for r in rows if r["kind"] == "decode"] == ["bf16 model", "packed W4 model"]
+    bench_infer.print_table(rows)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "llama.cpp" in ln]
+    assert lines == ["decode stories260k llama.cpp rows skipped: cyllama is not installed "
+                     "(pip install cyllama==0.2.18 brings llama.cpp)"]
