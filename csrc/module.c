@@ -358,6 +358,12 @@ static PyObject *raise_status(int status, const char *what) {
                      "lwc_lower) are not finite",
                      what);
         break;
+    case SQ_ERR_NONFINITE_ROUND_V:
+        PyErr_Format(PyExc_ValueError,
+                     "the rounding offset (round_v) of %s contains NaN or Inf in its quantized columns; it must be "
+                     "finite (it is projected to [-0.5, 0.5] during training)",
+                     what);
+        break;
     case SQ_ERR_NOMEM:
         PyErr_NoMemory();
         break;
@@ -508,20 +514,39 @@ static PyObject *run_status(int status, const char *what) {
     Py_RETURN_NONE;
 }
 
+/* The optional rounding offset V: None, or float32 of the weight's shape. */
+static int add_round_v(view_set *s, PyObject *obj, wq_call *c) {
+    view *v = views_add(s, obj, "round_v", 1, 0);
+    if (!v) return PyErr_Occurred() ? -1 : 0;
+    const int64_t shp[2] = {c->p.rows, c->p.cols};
+    if (view_require_f32(v) < 0 || view_require_shape(v, 2, shp, "(out_features, in_features)") < 0) return -1;
+    c->in.round_v = (const float *)v->data;
+    return 0;
+}
+
+/* The trailing optional arguments of the weight entry points: none (the original form) or all of them. */
+static int check_nargs_either(Py_ssize_t nargs, Py_ssize_t base, Py_ssize_t full, const char *fn) {
+    if (nargs == base || nargs == full) return 0;
+    PyErr_Format(PyExc_TypeError, "%s() takes %zd or %zd positional arguments (%zd given)", fn, base, full, nargs);
+    return -1;
+}
+
 PyDoc_STRVAR(wq_forward_doc,
              "wq_forward(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, out, bits, group_size, n_quant,\n"
-             "           symmetric, lora_scaling, nthreads)\n--\n\n"
+             "           symmetric, lora_scaling, nthreads[, round_v])\n--\n\n"
              "Weight fake quantization: out = Q(w * channel_scale + lora_scaling * lora_b @ lora_a) with learnable\n"
              "clipping. group_size 0 means per output channel. Optional inputs may be None. out is float32 or\n"
-             "bfloat16, independently of w (e.g. a bf16 result from an fp32 master weight).");
+             "bfloat16, independently of w (e.g. a bf16 result from an fp32 master weight). round_v (float32,\n"
+             "the shape of w, or None) is the rounding offset V: codes round(Wt / s + V).");
 
 static PyObject *wq_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs(nargs, 13, "wq_forward") < 0) return NULL;
+    if (check_nargs_either(nargs, 13, 14, "wq_forward") < 0) return NULL;
     view_set s = {0};
     wq_call c;
     void *out;
     PyObject *res = NULL;
     if (wq_parse(&s, args, args + 7, &c) < 0) goto done;
+    if (nargs > 13 && add_round_v(&s, args[13], &c) < 0) goto done;
     if (add_data_like(&s, args[6], "out", 1, &s.v[0], c.p.dtype, &out, &c.p.out_dtype) < 0) goto done;
     if (views_check_aliasing(&s) < 0) goto done;
     const sq_kernel_table *k = get_state(module)->kernels;
@@ -538,18 +563,19 @@ done:
 PyDoc_STRVAR(wq_backward_doc,
              "wq_backward(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, grad_out, grad_channel_scale,\n"
              "            grad_lora_a, grad_lora_b, grad_lwc_upper, grad_lwc_lower, grad_wt, bits, group_size,\n"
-             "            n_quant, symmetric, lora_scaling, nthreads)\n--\n\n"
+             "            n_quant, symmetric, lora_scaling, nthreads[, round_v, grad_round_v])\n--\n\n"
              "Backward of wq_forward (straight-through rounding). grad_out has the dtype of wq_forward's out;\n"
              "each grad_* output is a float32 tensor or None.");
 
 static PyObject *wq_backward(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs(nargs, 19, "wq_backward") < 0) return NULL;
+    if (check_nargs_either(nargs, 19, 21, "wq_backward") < 0) return NULL;
     view_set s = {0};
     wq_call c;
     sq_wq_grads g = {0};
     PyObject *res = NULL;
     void *grad_out;
     if (wq_parse(&s, args, args + 13, &c) < 0) goto done;
+    if (nargs > 19 && add_round_v(&s, args[19], &c) < 0) goto done;
     if (add_data_like(&s, args[6], "grad_out", 0, &s.v[0], c.p.dtype, &grad_out, &c.p.out_dtype) < 0) goto done;
     g.grad_out = grad_out;
     const int64_t rows = c.p.rows, cols = c.p.cols, r = c.p.rank;
@@ -563,7 +589,9 @@ static PyObject *wq_backward(PyObject *module, PyObject *const *args, Py_ssize_t
                  &g.grad_u) < 0 ||
         add_grad(&s, args[11], "grad_lwc_lower", 2, shp_lwc, "(out_features, n_groups)", c.in.lwc_l != NULL,
                  &g.grad_l) < 0 ||
-        add_grad(&s, args[12], "grad_wt", 2, shp_w, "(out_features, in_features)", 1, &g.grad_wt) < 0)
+        add_grad(&s, args[12], "grad_wt", 2, shp_w, "(out_features, in_features)", 1, &g.grad_wt) < 0 ||
+        (nargs > 19 && add_grad(&s, args[20], "grad_round_v", 2, shp_w, "(out_features, in_features)",
+                                c.in.round_v != NULL, &g.grad_v) < 0))
         goto done;
     if (views_check_aliasing(&s) < 0) goto done;
     const sq_kernel_table *k = get_state(module)->kernels;

@@ -153,6 +153,34 @@ static inline void sq_quant_span_avx2(const sq_grid *g, const float *x, int64_t 
     for (; c < n; ++c) sq_store(out, dt, idx + c, sq_grid_apply(g, x[c]));
 }
 
+/* The same with a rounding offset: out[idx + c] = dequant(clamp(round(x[c] / s + v[c]) + z)) */
+static inline void sq_quant_offset_span_avx2(const sq_grid *g, const float *x, const float *v, int64_t n, void *out,
+                                             sq_dtype dt, int64_t idx, int stream) {
+    stream = sq_can_stream(out, dt, idx, stream);
+    const __m256 vs = _mm256_set1_ps(g->s), vz = _mm256_set1_ps(g->z);
+    const __m256 lo = _mm256_set1_ps(g->qmin), hi = _mm256_set1_ps(g->qmax);
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        const __m256 t = _mm256_add_ps(_mm256_div_ps(_mm256_loadu_ps(x + c), vs), _mm256_loadu_ps(v + c));
+        __m256 q = _mm256_add_ps(_mm256_round_ps(t, SQ_ROUND), vz);
+        q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
+        sq_store8_finite(out, dt, idx + c, _mm256_mul_ps(_mm256_sub_ps(q, vz), vs), stream);
+    }
+    for (; c < n; ++c) sq_store(out, dt, idx + c, sq_grid_apply_offset(g, x[c], v[c]));
+}
+
+/* Whether x[0..n) holds no NaN and no Inf. */
+static inline int sq_finite_span_avx2(const float *x, int64_t n) {
+    const __m256 inf = _mm256_set1_ps(INFINITY), absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 bad = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) /* |x| < inf is false for NaN and +-Inf */
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(_mm256_loadu_ps(x + c), absmask), inf, _CMP_NLT_UQ));
+    int finite = _mm256_movemask_ps(bad) == 0;
+    for (; c < n; ++c) finite &= isfinite(x[c]) != 0;
+    return finite;
+}
+
 /* out[idx + c] = x[c] for c < n, stored as dt (x finite: checked by the group's min/max pass) */
 static inline void sq_copy_span_avx2(const float *x, int64_t n, void *out, sq_dtype dt, int64_t idx, int stream) {
     stream = sq_can_stream(out, dt, idx, stream);
@@ -187,6 +215,40 @@ static inline float sq_quant_span_backward_avx2(const sq_grid *g, const float *x
         const int inside = xi >= g->qmin && xi <= g->qmax;
         const float q = fminf(fmaxf(xi, g->qmin), g->qmax);
         gx[c] = inside ? go : 0.0f;
+        ds += go * ((q - g->z) - (inside ? t : 0.0f));
+    }
+    return ds;
+}
+
+/* The same with a rounding offset v: the code is clamp(round(x / s + v) + z); dL/dx and dL/ds are
+ * unchanged in form, and gv[c] = inside ? go * s : 0 (gv may be NULL: not wanted). */
+static inline float sq_quant_offset_span_backward_avx2(const sq_grid *g, const float *x, const float *v, int64_t n,
+                                                       const void *grad, sq_dtype dt, int64_t idx, float *gx,
+                                                       float *gv) {
+    const __m256 vs = _mm256_set1_ps(g->s), vz = _mm256_set1_ps(g->z);
+    const __m256 lo = _mm256_set1_ps(g->qmin), hi = _mm256_set1_ps(g->qmax);
+    __m256 vds[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        const __m256 go = sq_load8(grad, dt, idx + c);
+        const __m256 t = _mm256_div_ps(_mm256_loadu_ps(x + c), vs);
+        const __m256 xi = _mm256_add_ps(_mm256_round_ps(_mm256_add_ps(t, _mm256_loadu_ps(v + c)), SQ_ROUND), vz);
+        const __m256 inside = _mm256_and_ps(_mm256_cmp_ps(xi, lo, _CMP_GE_OQ), _mm256_cmp_ps(xi, hi, _CMP_LE_OQ));
+        const __m256 q = _mm256_min_ps(_mm256_max_ps(xi, lo), hi);
+        _mm256_storeu_ps(gx + c, _mm256_and_ps(inside, go));
+        if (gv) _mm256_storeu_ps(gv + c, _mm256_and_ps(inside, _mm256_mul_ps(go, vs)));
+        const int h = (int)(c >> 3) & 1;
+        vds[h] = _mm256_fmadd_ps(go, _mm256_sub_ps(_mm256_sub_ps(q, vz), _mm256_and_ps(inside, t)), vds[h]);
+    }
+    float ds = sq_hsum8(_mm256_add_ps(vds[0], vds[1]));
+    for (; c < n; ++c) {
+        const float go = sq_load(grad, dt, idx + c);
+        const float t = x[c] / g->s;
+        const float xi = nearbyintf(t + v[c]) + g->z;
+        const int inside = xi >= g->qmin && xi <= g->qmax;
+        const float q = fminf(fmaxf(xi, g->qmin), g->qmax);
+        gx[c] = inside ? go : 0.0f;
+        if (gv) gv[c] = inside ? go * g->s : 0.0f;
         ds += go * ((q - g->z) - (inside ? t : 0.0f));
     }
     return ds;

@@ -111,6 +111,20 @@ static inline float sq_grid_apply(const sq_grid *g, float x) {
     return (q - g->z) * g->s;
 }
 
+/* The same with a rounding offset v (in steps): round(x / s + v).  A separate function, not
+ * v = 0 in sq_grid_apply: -0 + 0 is +0, so adding a zero offset can flip the sign of a zero result. */
+static inline float sq_grid_apply_offset(const sq_grid *g, float x, float v) {
+    float q = nearbyintf(x / g->s + v) + g->z;
+    q = fminf(fmaxf(q, g->qmin), g->qmax);
+    return (q - g->z) * g->s;
+}
+
+static inline int sq_all_finite(const float *x, int64_t n) {
+    int finite = 1;
+    for (int64_t c = 0; c < n; ++c) finite &= isfinite(x[c]) != 0;
+    return finite;
+}
+
 /* Backward of the grid: dS = dL/ds summed over the quantized elements of the group.
  * Gives the gradients of the LWC logits and of the group's max and min (before tie sharing). */
 static inline void sq_grid_backward(const sq_grid *g, int symmetric, int has_u, int has_l, float ds,

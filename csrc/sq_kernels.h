@@ -9,10 +9,14 @@
  *   Wt    = W * alpha + lora_scaling * (B A)            (alpha, A, B optional)
  *   hi    = sigmoid(u[i,j]) * max(Wt group j),  lo = sigmoid(l[i,j]) * min(Wt group j)
  *   asym:  s = clamp((hi - lo) / (2^b - 1), 1e-5, 1e4),  z = round(-lo / s)
- *          q = clamp(round(Wt / s) + z, 0, 2^b - 1),       W_hat = (q - z) * s
- *   sym:   s = clamp(max(|hi|, |lo|) / (2^(b-1) - 1), ...), q = clamp(round(Wt / s), -2^(b-1), 2^(b-1) - 1)
+ *          q = clamp(round(Wt / s + V) + z, 0, 2^b - 1),   W_hat = (q - z) * s
+ *   sym:   s = clamp(max(|hi|, |lo|) / (2^(b-1) - 1), ...), q = clamp(round(Wt / s + V), -2^(b-1), 2^(b-1) - 1)
  *          W_hat = q * s
- * Only columns < n_quant are quantized; the others are Wt unchanged.  round = half to even.
+ * V (rows x cols, optional) is a learnable rounding offset in units of the step; without it the
+ * kernels run the plain round(Wt / s), bit for bit.  Its gradient (straight-through) is
+ * dL/dV = dL/dW_hat * s inside the code range, 0 where the code is clamped.
+ * Only columns < n_quant are quantized; the others are Wt unchanged (and ignore V).
+ * round = half to even.
  */
 #ifndef SQ_KERNELS_H
 #define SQ_KERNELS_H
@@ -25,6 +29,7 @@ typedef enum {
     SQ_ERR_NONFINITE_PARAM = 2, /* the clipping logits or the scale became NaN/Inf */
     SQ_ERR_NOMEM = 3,
     SQ_ERR_ARGS = 4,
+    SQ_ERR_NONFINITE_ROUND_V = 5, /* NaN or Inf in the rounding offset V (quantized columns) */
 } sq_status;
 
 typedef enum { SQ_F32 = 0, SQ_BF16 = 1 } sq_dtype;
@@ -54,6 +59,7 @@ typedef struct {
     const float *lora_b; /* rows x rank */
     const float *lwc_u;  /* rows x (cols / group) */
     const float *lwc_l;  /* rows x (cols / group) */
+    const float *round_v; /* rows x cols: rounding offset V */
 } sq_wq_inputs;
 
 typedef struct {
@@ -64,6 +70,7 @@ typedef struct {
     float *grad_u;        /* rows x groups */
     float *grad_l;        /* rows x groups */
     float *grad_wt;       /* rows x cols: dL/dWt, the gradient reaching W * alpha + s B A */
+    float *grad_v;        /* rows x cols: dL/dV (0 beyond n_quant); needs round_v */
 } sq_wq_grads;
 
 typedef struct {

@@ -68,7 +68,16 @@ int sq_wq_forward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, void *out)
                     status = st;
                     continue;
                 }
-                sq_quant_span_avx2(&g, wt + c0, cq - c0, out, p->out_dtype, i * cols + c0, stream);
+                const float *v = in->round_v ? in->round_v + i * cols : NULL;
+                if (v && !sq_finite_span_avx2(v + c0, cq - c0)) {
+#pragma omp atomic write
+                    status = SQ_ERR_NONFINITE_ROUND_V;
+                    continue;
+                }
+                if (v)
+                    sq_quant_offset_span_avx2(&g, wt + c0, v + c0, cq - c0, out, p->out_dtype, i * cols + c0, stream);
+                else
+                    sq_quant_span_avx2(&g, wt + c0, cq - c0, out, p->out_dtype, i * cols + c0, stream);
                 sq_copy_span_avx2(wt + cq, c1 - cq, out, p->out_dtype, i * cols + cq, stream);
             }
         }
@@ -155,6 +164,7 @@ static void lora_flush_a_avx2(const sq_wq_params *p, const float *blk, const flo
 }
 
 int sq_wq_backward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const sq_wq_grads *gr) {
+    if (gr->grad_v && !in->round_v) return SQ_ERR_ARGS; /* dL/dV needs V */
     const int64_t rows = p->rows, cols = p->cols, n_groups = cols / p->group;
     const int rank = p->rank;
     const int nt = sq_threads(p->nthreads, rows);
@@ -191,9 +201,20 @@ int sq_wq_backward_avx2(const sq_wq_params *p, const sq_wq_inputs *in, const sq_
                     status = st;
                     continue;
                 }
-                const float ds = sq_quant_span_backward_avx2(&g, wt + c0, cq - c0, gr->grad_out, p->out_dtype,
-                                                             i * cols + c0, gwt + c0);
+                const float *v = in->round_v ? in->round_v + i * cols : NULL;
+                float *gv = gr->grad_v ? gr->grad_v + i * cols : NULL;
+                if (v && !sq_finite_span_avx2(v + c0, cq - c0)) {
+#pragma omp atomic write
+                    status = SQ_ERR_NONFINITE_ROUND_V;
+                    continue;
+                }
+                const float ds = v ? sq_quant_offset_span_backward_avx2(&g, wt + c0, v + c0, cq - c0, gr->grad_out,
+                                                                        p->out_dtype, i * cols + c0, gwt + c0,
+                                                                        gv ? gv + c0 : NULL)
+                                   : sq_quant_span_backward_avx2(&g, wt + c0, cq - c0, gr->grad_out, p->out_dtype,
+                                                                 i * cols + c0, gwt + c0);
                 sq_load_span_avx2(gr->grad_out, p->out_dtype, i * cols + cq, c1 - cq, gwt + cq);
+                if (gv) memset(gv + cq, 0, (size_t)(c1 - cq) * sizeof(float));
                 float du = 0.0f, dl = 0.0f;
                 if (cq > c0) {
                     float dmx, dmn;

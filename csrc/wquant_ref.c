@@ -58,7 +58,17 @@ int sq_wq_forward_ref(const sq_wq_params *p, const sq_wq_inputs *in, void *out) 
                     status = st;
                     continue;
                 }
-                for (int64_t c = c0; c < cq; ++c) sq_store(out, p->out_dtype, i * cols + c, sq_grid_apply(&g, wt[c]));
+                const float *v = in->round_v ? in->round_v + i * cols : NULL;
+                if (v && !sq_all_finite(v + c0, cq - c0)) {
+#pragma omp atomic write
+                    status = SQ_ERR_NONFINITE_ROUND_V;
+                    continue;
+                }
+                if (v)
+                    for (int64_t c = c0; c < cq; ++c)
+                        sq_store(out, p->out_dtype, i * cols + c, sq_grid_apply_offset(&g, wt[c], v[c]));
+                else
+                    for (int64_t c = c0; c < cq; ++c) sq_store(out, p->out_dtype, i * cols + c, sq_grid_apply(&g, wt[c]));
                 for (int64_t c = cq; c < c1; ++c) sq_store(out, p->out_dtype, i * cols + c, wt[c]);
             }
         }
@@ -68,6 +78,7 @@ int sq_wq_forward_ref(const sq_wq_params *p, const sq_wq_inputs *in, void *out) 
 }
 
 int sq_wq_backward_ref(const sq_wq_params *p, const sq_wq_inputs *in, const sq_wq_grads *gr) {
+    if (gr->grad_v && !in->round_v) return SQ_ERR_ARGS; /* dL/dV needs V */
     const int64_t rows = p->rows, cols = p->cols, n_groups = cols / p->group;
     const int rank = p->rank;
     const int nt = sq_threads(p->nthreads, rows);
@@ -99,17 +110,28 @@ int sq_wq_backward_ref(const sq_wq_params *p, const sq_wq_inputs *in, const sq_w
                     status = st;
                     continue;
                 }
+                const float *v = in->round_v ? in->round_v + i * cols : NULL;
+                float *gv = gr->grad_v ? gr->grad_v + i * cols : NULL;
+                if (v && !sq_all_finite(v + c0, cq - c0)) {
+#pragma omp atomic write
+                    status = SQ_ERR_NONFINITE_ROUND_V;
+                    continue;
+                }
                 float ds = 0.0f;
                 for (int64_t c = c0; c < cq; ++c) {
                     const float go = sq_load(gr->grad_out, p->out_dtype, i * cols + c);
                     const float t = wt[c] / g.s;
-                    const float xi = nearbyintf(t) + g.z;
+                    /* V moves the rounding only: d(t + V)/ds does not involve V, so ds keeps -t */
+                    const float xi = nearbyintf(v ? t + v[c] : t) + g.z;
                     const int inside = xi >= g.qmin && xi <= g.qmax;
                     const float q = fminf(fmaxf(xi, g.qmin), g.qmax);
                     gwt[c] = inside ? go : 0.0f;
+                    if (gv) gv[c] = inside ? go * g.s : 0.0f;
                     ds += go * ((q - g.z) - (inside ? t : 0.0f));
                 }
                 for (int64_t c = cq; c < c1; ++c) gwt[c] = sq_load(gr->grad_out, p->out_dtype, i * cols + c);
+                if (gv)
+                    for (int64_t c = cq; c < c1; ++c) gv[c] = 0.0f;
                 float du = 0.0f, dl = 0.0f;
                 if (cq > c0) {
                     float dmx, dmn;

@@ -79,6 +79,8 @@ class QuantConfig:
     gptq_block_size: int = 128
     # not in the method or the authors' code: undo a window whose training ends above its starting loss
     revert_worse_windows: bool = False
+    # small-budget options (docs/algorithm.md section 11); the defaults are the paper's method
+    round_lr: float = 0.0            # per-sample lr of the rounding offset V; 0 = no V
 
     def __post_init__(self) -> None:
         self.validate()
@@ -141,7 +143,7 @@ class QuantConfig:
     def optimizer_lrs(self) -> dict[str, float]:
         factor = self.batch_size if self.scale_lr_by_batch else 1
         return {"lwc": self.lwc_lr * factor, "lora": self.lora_lr * factor,
-                "scale": self.scale_lr * factor}
+                "scale": self.scale_lr * factor, "round": self.round_lr * factor}
 
     def stage_epochs(self) -> int:
         """Epochs per stage: the total split evenly (at least one unless ``epochs`` is 0)."""
@@ -169,7 +171,7 @@ class QuantConfig:
         _int("seed", self.seed, 0)
         _int("epochs", self.epochs, 0)
         _int("batch_size", self.batch_size, 1)
-        for name in ("lwc_lr", "lora_lr", "scale_lr", "gptq_damp", "lora_alpha"):
+        for name in ("lwc_lr", "lora_lr", "scale_lr", "gptq_damp", "lora_alpha", "round_lr"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0:
@@ -207,6 +209,20 @@ class QuantConfig:
             raise ValueError(f"gptq_act_order must be true or false, got {self.gptq_act_order!r}")
         if not isinstance(self.scale_lr_by_batch, bool):
             raise ValueError(f"scale_lr_by_batch must be true or false, got {self.scale_lr_by_batch!r}")
+        self._validate_small_budget()
+
+    def _validate_small_budget(self) -> None:
+        """The options of docs/algorithm.md section 11 act on the trained windows only: a method that
+        trains none (rtn, gptq) refuses them rather than ignore them."""
+        changed = [f"{name}: {getattr(self, name)!r}" for name, default in _SMALL_BUDGET_DEFAULTS.items()
+                   if getattr(self, name) != default]
+        if changed and not METHODS[self.method].trains_windows:
+            raise ValueError(f"{', '.join(changed)} only act on methods that train windows (sliderquant, "
+                             f"omniquant), not on {self.method}; leave them at their defaults")
+
+
+# the small-budget options and their defaults (the paper's method)
+_SMALL_BUDGET_DEFAULTS = {"round_lr": 0.0}
 
 
 def _int(name: str, value, minimum: int, maximum: int | None = None) -> None:

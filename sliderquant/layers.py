@@ -1,8 +1,9 @@
 """``QuantLinear``: an ``nn.Linear`` whose weight is fake-quantized with learnable parameters.
 
 ``W_q = Q(W * alpha + s B A)`` with learnable clipping logits (LWC), low-rank factors ``A`` (r x in)
-and ``B`` (out x r) and an optional per-input-channel scale ``alpha``; the input is divided by
-``alpha`` (and fake-quantized per token when ``abits < 16``).  The original weight is frozen; the
+and ``B`` (out x r), an optional per-input-channel scale ``alpha`` and an optional rounding offset
+``V`` (out x in, codes ``round(W_t / s + V)``, kept in [-0.5, 0.5] by ``project_``); the input is
+divided by ``alpha`` (and fake-quantized per token when ``abits < 16``).  The original weight is frozen; the
 learnable tensors are fp32 whatever the weight's dtype.  ``finalize`` folds everything into the
 weight and keeps the integer codes, scales and zero points.
 """
@@ -16,14 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .quantizer import dequantize, layer_group_size, lwc_logits
+from .quantizer import ROUND_OFFSET_BOUND, dequantize, layer_group_size, lwc_logits, round_offsets
+
+_LEARNED = ("lwc_upper", "lwc_lower", "lora_a", "lora_b", "channel_scale", "round_offset")
 
 
 class QuantLinear(nn.Module):
     def __init__(self, linear: nn.Linear, wbits: int, group_size: int | None = None,
                  symmetric: bool = False, abits: int = 16, lora_rank: int = 0,
                  lwc: bool = True, channel_scale: bool = False, lora_scaling: float = 1.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, round_offset: bool = False):
         super().__init__()
         out_f, in_f = linear.weight.shape
         self.in_features, self.out_features = in_f, out_f
@@ -45,6 +48,7 @@ class QuantLinear(nn.Module):
         else:
             self.lora_a = self.lora_b = None
         self.channel_scale = nn.Parameter(torch.ones(in_f, dtype=torch.float32)) if channel_scale else None
+        self.round_offset = round_offsets(out_f, in_f) if round_offset else None
         self.quant_rate = 1.0
         self.quantize = True          # False: behave as the full-precision linear (teacher)
         self.finalized = False
@@ -52,7 +56,7 @@ class QuantLinear(nn.Module):
     # ---- learnable parameters by optimizer group -------------------------------------------------
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = {"lwc": [self.lwc_upper, self.lwc_lower], "lora": [self.lora_a, self.lora_b],
-                  "scale": [self.channel_scale]}
+                  "scale": [self.channel_scale], "round": [self.round_offset]}
         return {k: [p for p in v if p is not None] for k, v in groups.items()}
 
     def learned_state(self) -> dict[str, torch.Tensor]:
@@ -64,15 +68,21 @@ class QuantLinear(nn.Module):
                 p.copy_(state[k])
 
     def _named_learned(self) -> dict[str, nn.Parameter]:
-        names = ("lwc_upper", "lwc_lower", "lora_a", "lora_b", "channel_scale")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, n) for n in _LEARNED if getattr(self, n) is not None}
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Bring the parameters back into their domain after an optimizer step: V to [-0.5, 0.5]
+        (a layer is trained in several windows and stages, so the schedule alone does not bound it)."""
+        if self.round_offset is not None:
+            self.round_offset.clamp_(-ROUND_OFFSET_BOUND, ROUND_OFFSET_BOUND)
 
     # ---- forward ----------------------------------------------------------------------------------
     def _qargs(self) -> dict:
         return dict(bits=self.wbits, group_size=self.group_size, symmetric=self.symmetric,
                     lwc_upper=self.lwc_upper, lwc_lower=self.lwc_lower,
                     channel_scale=self.channel_scale, lora_a=self.lora_a, lora_b=self.lora_b,
-                    lora_scaling=self.lora_scaling)
+                    lora_scaling=self.lora_scaling, round_offset=self.round_offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.finalized or not self.quantize:
@@ -93,7 +103,7 @@ class QuantLinear(nn.Module):
     # ---- deployment -------------------------------------------------------------------------------
     @torch.no_grad()
     def finalize(self) -> None:
-        """Fold LoRA and clipping into the weight: keep codes/scale/zero, set the weight to
+        """Fold LoRA, clipping and the rounding offset into the weight: keep codes/scale/zero, set the weight to
         ``(q - zero) * scale``.  Channel scales must have been folded into the producer first
         (weight-activation mode); in weight-only mode they are refused here."""
         if self.finalized:
@@ -114,7 +124,7 @@ class QuantLinear(nn.Module):
         if w_hat is None:
             w_hat = dequantize(self.qweight, self.scales, self.zeros)
         self.weight.copy_(w_hat.to(self.weight.dtype))
-        for n in ("lwc_upper", "lwc_lower", "lora_a", "lora_b", "channel_scale"):
+        for n in _LEARNED:
             setattr(self, n, None)
         self.finalized = True
 

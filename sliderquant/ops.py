@@ -89,30 +89,33 @@ def _raw(*tensors):
 
 @torch.library.custom_op("sliderquant::fake_quant_weight", mutates_args=())
 def _wq(w: Tensor, channel_scale: Optional[Tensor], lora_a: Optional[Tensor], lora_b: Optional[Tensor],
-        lwc_upper: Optional[Tensor], lwc_lower: Optional[Tensor], bits: int, group_size: int, n_quant: int,
-        symmetric: bool, lora_scaling: float, out_dtype: torch.dtype) -> Tensor:
+        lwc_upper: Optional[Tensor], lwc_lower: Optional[Tensor], round_offset: Optional[Tensor], bits: int,
+        group_size: int, n_quant: int, symmetric: bool, lora_scaling: float, out_dtype: torch.dtype) -> Tensor:
     out = torch.empty_like(w, dtype=out_dtype, memory_format=torch.contiguous_format)
-    _C.wq_forward(*_raw(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower), out, bits, group_size, n_quant,
-                  symmetric, lora_scaling, _nthreads(w.numel()))
+    w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offset = _raw(
+        w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offset)
+    _C.wq_forward(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, out, bits, group_size, n_quant,
+                  symmetric, lora_scaling, _nthreads(w.numel()), round_offset)
     return out
 
 
 @_wq.register_fake
-def _wq_fake(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, bits, group_size, n_quant, symmetric,
-             lora_scaling, out_dtype):
+def _wq_fake(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offset, bits, group_size, n_quant,
+             symmetric, lora_scaling, out_dtype):
     return torch.empty_like(w, dtype=out_dtype, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("sliderquant::fake_quant_weight_backward", mutates_args=())
 def _wq_bwd(grad: Tensor, w: Tensor, channel_scale: Optional[Tensor], lora_a: Optional[Tensor],
-            lora_b: Optional[Tensor], lwc_upper: Optional[Tensor], lwc_lower: Optional[Tensor], bits: int,
-            group_size: int, n_quant: int, symmetric: bool, lora_scaling: float,
-            needs: List[bool]) -> List[Tensor]:
-    params = (channel_scale, lora_a, lora_b, lwc_upper, lwc_lower)
+            lora_b: Optional[Tensor], lwc_upper: Optional[Tensor], lwc_lower: Optional[Tensor],
+            round_offset: Optional[Tensor], bits: int, group_size: int, n_quant: int, symmetric: bool,
+            lora_scaling: float, needs: List[bool]) -> List[Tensor]:
+    params = (channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offset)
     outs = [torch.empty_like(p) if (p is not None and need) else None for p, need in zip(params, needs[1:])]
     grad_wt = torch.empty(w.shape, dtype=torch.float32) if needs[0] else None
-    _C.wq_backward(*_raw(w, *params, grad), *outs, grad_wt, bits, group_size, n_quant, symmetric, lora_scaling,
-                   _nthreads(w.numel()))
+    raw = _raw(w, *params, grad)
+    _C.wq_backward(*raw[:6], raw[7], *outs[:5], grad_wt, bits, group_size, n_quant, symmetric, lora_scaling,
+                   _nthreads(w.numel()), raw[6], outs[5])
     if grad_wt is not None:
         grad_w = (grad_wt * channel_scale.detach() if channel_scale is not None else grad_wt).to(w.dtype)
     else:
@@ -121,23 +124,25 @@ def _wq_bwd(grad: Tensor, w: Tensor, channel_scale: Optional[Tensor], lora_a: Op
 
 
 @_wq_bwd.register_fake
-def _wq_bwd_fake(grad, w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, bits, group_size, n_quant,
-                 symmetric, lora_scaling, needs):
-    tensors = (w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower)
+def _wq_bwd_fake(grad, w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offset, bits, group_size,
+                 n_quant, symmetric, lora_scaling, needs):
+    tensors = (w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offset)
     return [torch.empty_like(t) if (t is not None and need) else w.new_empty(0) for t, need in zip(tensors, needs)]
 
 
+_WQ_TENSORS = 7     # w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offset; then the scalars
+
+
 def _wq_setup(ctx, inputs, output):
-    w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, *scalars = inputs
-    ctx.save_for_backward(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower)
-    ctx.scalars = scalars
+    ctx.save_for_backward(*inputs[:_WQ_TENSORS])
+    ctx.scalars = inputs[_WQ_TENSORS:]
 
 
 def _wq_backward(ctx, grad):
     saved = ctx.saved_tensors
-    needs = [bool(n) for n in ctx.needs_input_grad[:6]]
+    needs = [bool(n) for n in ctx.needs_input_grad[:_WQ_TENSORS]]
     grads = _wq_bwd(grad.contiguous(), *saved, *ctx.scalars[:-1], needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 6
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * len(ctx.scalars)
 
 
 _wq.register_autograd(_wq_backward, setup_context=_wq_setup)
@@ -258,6 +263,12 @@ def _check_torch_weight(w, group_size, symmetric, lwc_upper, lwc_lower, channel_
                              "(lwc_upper / lwc_lower) are not finite")
 
 
+def _check_torch_round_offset(round_offset, n_quant: int) -> None:
+    if round_offset is not None and not bool(torch.isfinite(round_offset.detach()[:, :n_quant]).all()):
+        raise ValueError("the rounding offset (round_v) of the weight contains NaN or Inf in its quantized "
+                         "columns; it must be finite (it is projected to [-0.5, 0.5] during training)")
+
+
 def _check_torch_act(x, symmetric, channel_scale) -> None:
     with torch.no_grad():
         xt = x.float() if channel_scale is None else x.float() / channel_scale
@@ -273,7 +284,8 @@ def fake_quant_weight(w: Tensor, bits: int, group_size: Optional[int] = None, sy
                       lwc_upper: Optional[Tensor] = None, lwc_lower: Optional[Tensor] = None,
                       channel_scale: Optional[Tensor] = None, lora_a: Optional[Tensor] = None,
                       lora_b: Optional[Tensor] = None, lora_scaling: float = 1.0,
-                      quant_rate: float = 1.0, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                      quant_rate: float = 1.0, out_dtype: Optional[torch.dtype] = None,
+                      round_offset: Optional[Tensor] = None) -> Tensor:
     """Fake-quantize a weight: ``Q(W * channel_scale + lora_scaling * lora_b @ lora_a)``.
 
     Args:
@@ -290,6 +302,8 @@ def fake_quant_weight(w: Tensor, bits: int, group_size: Optional[int] = None, sy
         out_dtype: float32 or bfloat16 result (default: ``w.dtype``).  Under bf16 autocast, an fp32
             master weight fake-quantized straight to bf16 saves a cast of the result on the way in
             and of its gradient on the way out; the values are those of ``.to(out_dtype)``.
+        round_offset: the learnable rounding offset V, (out_features, in_features), finite in the
+            quantized columns: codes are ``round(W_t / s + V)``.  ``None`` = plain rounding.
 
     Differentiable in ``w`` and every parameter (straight-through rounding, docs/algorithm.md section 4.3).
     """
@@ -315,6 +329,9 @@ def fake_quant_weight(w: Tensor, bits: int, group_size: Optional[int] = None, sy
     channel_scale = _param(channel_scale, "channel_scale", (in_f,), w)
     lwc_upper = _param(lwc_upper, "lwc_upper", (out_f, n_groups), w)
     lwc_lower = _param(lwc_lower, "lwc_lower", (out_f, n_groups), w)
+    if isinstance(round_offset, Tensor) and tuple(round_offset.shape) != (out_f, in_f):
+        raise ValueError(f"round_offset must have the shape of w, {(out_f, in_f)}, got {tuple(round_offset.shape)}")
+    round_offset = _param(round_offset, "round_offset", (out_f, in_f), w)
     lora_scaling = float(lora_scaling)
     if out_dtype is None:
         out_dtype = w.dtype
@@ -323,10 +340,11 @@ def fake_quant_weight(w: Tensor, bits: int, group_size: Optional[int] = None, sy
     if not _use_c(w):
         _check_torch_weight(w, group_size, symmetric, lwc_upper, lwc_lower, channel_scale, lora_a, lora_b,
                             lora_scaling)
+        _check_torch_round_offset(round_offset, n_quant)
         return reference.fake_quant_weight(w, bits, group_size, symmetric, lwc_upper, lwc_lower, channel_scale,
-                                           lora_a, lora_b, lora_scaling, quant_rate).to(out_dtype)
-    return _wq(w.contiguous(), channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, bits, group_size or 0,
-               n_quant, bool(symmetric), lora_scaling, out_dtype)
+                                           lora_a, lora_b, lora_scaling, quant_rate, round_offset).to(out_dtype)
+    return _wq(w.contiguous(), channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offset, bits,
+               group_size or 0, n_quant, bool(symmetric), lora_scaling, out_dtype)
 
 
 def fake_quant_act(x: Tensor, bits: int, symmetric: bool = False, channel_scale: Optional[Tensor] = None,

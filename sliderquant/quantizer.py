@@ -18,6 +18,7 @@ from .limits import check_group_size
 log = logging.getLogger(__name__)
 
 LWC_INIT = 4.0   # sigmoid(4) = 0.982: start with almost no clipping
+ROUND_OFFSET_BOUND = 0.5   # V is kept in [-0.5, 0.5]: a code moves by at most one step from round-to-nearest
 _WARNED: set = set()
 
 
@@ -50,6 +51,11 @@ def n_groups(in_features: int, group_size: int | None) -> int:
 def lwc_logits(out_features: int, in_features: int, group_size: int | None) -> nn.Parameter:
     return nn.Parameter(torch.full((out_features, n_groups(in_features, group_size)), LWC_INIT,
                                    dtype=torch.float32))
+
+
+def round_offsets(out_features: int, in_features: int) -> nn.Parameter:
+    """The learnable rounding offset V (out, in), zero: training starts at round-to-nearest."""
+    return nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.float32))
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

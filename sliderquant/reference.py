@@ -16,6 +16,10 @@ Conventions shared with the C kernels:
   logits through ``sigmoid``.
 * ``quant_rate`` quantizes only a prefix of the input columns (or of the groups); the suffix
   passes through unchanged.  The scale and zero point still come from the whole row or group.
+* ``round_offset`` (V, out x in, optional) is a learnable rounding offset in units of the step:
+  codes are ``round(W_t / s + V)`` (straight-through, so ``dW_hat/dV = s`` inside the code range
+  and 0 where the code is clamped).  It moves the rounding decision only; the range, scale and
+  zero point do not see it, and the unquantized suffix ignores it.
 """
 
 from __future__ import annotations
@@ -67,10 +71,12 @@ def minmax_grid(hi: torch.Tensor, lo: torch.Tensor, bits: int, symmetric: bool):
 
 
 def _fake_quant_rows(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, bits: int,
-                     symmetric: bool) -> torch.Tensor:
-    """Quantize-dequantize each row of ``x`` (..., n) with the clipping range ``[lo, hi]`` (..., 1)."""
+                     symmetric: bool, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize each row of ``x`` (..., n) with the clipping range ``[lo, hi]`` (..., 1),
+    rounding ``x / s + offset`` when an offset (the shape of ``x``) is given."""
     s, z, qmin, qmax = minmax_grid(hi, lo, bits, symmetric)
-    q = torch.clamp(_round_ste(x / s) + z, qmin, qmax)
+    t = x / s if offset is None else x / s + offset
+    q = torch.clamp(_round_ste(t) + z, qmin, qmax)
     return (q - z) * s
 
 
@@ -101,18 +107,23 @@ def _clipped_groups(w, group_size, lwc_upper, lwc_lower, channel_scale, lora_a, 
     return wt, grouped, hi, lo
 
 
+def _grouped_offset(round_offset, grouped):
+    return None if round_offset is None else round_offset.float().reshape(grouped.shape)
+
+
 def fake_quant_weight(w, bits, group_size=None, symmetric=False, lwc_upper=None, lwc_lower=None,
                       channel_scale=None, lora_a=None, lora_b=None, lora_scaling=1.0,
-                      quant_rate=1.0):
+                      quant_rate=1.0, round_offset=None):
     """``W_hat = Q(W * alpha + s B A)`` with learnable weight clipping; returns ``w.dtype``.
 
     ``lwc_upper``/``lwc_lower`` are logits of shape (out, 1) or (out, in // group_size);
-    ``None`` means no clipping (factor 1).
+    ``None`` means no clipping (factor 1).  ``round_offset``: the rounding offset V (out, in).
     """
     out_f, in_f = w.shape
     wt, grouped, hi, lo = _clipped_groups(w, group_size, lwc_upper, lwc_lower, channel_scale, lora_a, lora_b,
                                           lora_scaling)
-    wq = _fake_quant_rows(grouped, hi, lo, bits, symmetric).reshape(out_f, in_f)
+    wq = _fake_quant_rows(grouped, hi, lo, bits, symmetric, _grouped_offset(round_offset, grouped)
+                          ).reshape(out_f, in_f)
     n_q = quantized_prefix(in_f, quant_rate, group_size)
     if n_q < in_f:
         wq = torch.cat([wq[:, :n_q], wt[:, n_q:]], dim=1)
@@ -134,7 +145,7 @@ def fake_quant_act(x, bits, symmetric=False, channel_scale=None, quant_rate=1.0)
 
 
 def weight_qparams(w, bits, group_size=None, symmetric=False, lwc_upper=None, lwc_lower=None,
-                   channel_scale=None, lora_a=None, lora_b=None, lora_scaling=1.0):
+                   channel_scale=None, lora_a=None, lora_b=None, lora_scaling=1.0, round_offset=None):
     """Integer codes, scales and zero points of the fully quantized weight (no gradient).
 
     Returns ``(q, scale, zero)``: ``q`` int16 (out, in) in ``[0, 2^b - 1]`` (asymmetric) or
@@ -146,7 +157,9 @@ def weight_qparams(w, bits, group_size=None, symmetric=False, lwc_upper=None, lw
         _, grouped, hi, lo = _clipped_groups(w, group_size, lwc_upper, lwc_lower, channel_scale, lora_a, lora_b,
                                              lora_scaling)
         s, z, qmin, qmax = minmax_grid(hi, lo, bits, symmetric)
-        q = torch.clamp(torch.round(grouped / s) + z, qmin, qmax)
+        offset = _grouped_offset(round_offset, grouped)
+        t = grouped / s if offset is None else grouped / s + offset
+        q = torch.clamp(torch.round(t) + z, qmin, qmax)
         n_groups = grouped.shape[1]
         return (q.reshape(out_f, in_f).to(torch.int16), s.reshape(out_f, n_groups),
                 z.reshape(out_f, n_groups))

@@ -151,13 +151,17 @@ def valid_call(kind: str, rng):
     alpha = (rng.random(COLS) + 0.5).astype(np.float32)
     a, b = _f32(RANK, COLS, rng=rng) * 0.1, _f32(ROWS, RANK, rng=rng) * 0.1
     u, l = _f32(ROWS, COLS // GROUP, rng=rng) + 2, _f32(ROWS, COLS // GROUP, rng=rng) + 2
+    with_v = kind.startswith("wq") and rng.random() < 0.5         # the optional rounding offset V (and dV)
+    v = (rng.random((ROWS, COLS)) - 0.5).astype(np.float32)
     if kind == "wq_forward":
-        return [w, alpha, a, b, u, l, np.empty_like(w), 3, GROUP, COLS, False, 1.0, 2], [0, 1, 2, 3, 4, 5], [6], 7
+        args = [w, alpha, a, b, u, l, np.empty_like(w), 3, GROUP, COLS, False, 1.0, 2]
+        return args + [v] * with_v, [0, 1, 2, 3, 4, 5] + [13] * with_v, [6], 7
     if kind == "wq_backward":
         outs = [np.empty_like(alpha), np.empty_like(a), np.empty_like(b), np.empty_like(u), np.empty_like(l),
                 np.empty_like(w)]
-        return [w, alpha, a, b, u, l, _f32(ROWS, COLS, rng=rng), *outs, 3, GROUP, COLS, False, 1.0, 2], \
-            [0, 1, 2, 3, 4, 5], list(range(7, 13)), 13
+        args = [w, alpha, a, b, u, l, _f32(ROWS, COLS, rng=rng), *outs, 3, GROUP, COLS, False, 1.0, 2]
+        return args + [v, np.empty_like(w)] * with_v, [0, 1, 2, 3, 4, 5] + [19] * with_v, \
+            list(range(7, 13)) + [20] * with_v, 13
     x = _f32(ROWS, COLS, rng=rng)
     if kind == "aq_forward":
         return [x, alpha, np.empty_like(x), 4, COLS, False, 2], [0, 1], [2], 3
@@ -175,6 +179,7 @@ def break_call(args, inputs, outputs, bits_at, rng, pyrng):
                         "alias", "nargs", "none", "bogus"])
     tensors = _tensor_slots(args)
     k = pyrng.choice(tensors)
+    weight = bits_at >= 7                                         # wq_*: bits after six tensors (and out/grads)
     if how == "dtype":
         args[k] = args[k].astype(pyrng.choice([np.float64, np.float16, np.int32, np.uint8, np.bool_, np.complex64]))
     elif how == "strides":
@@ -196,7 +201,6 @@ def break_call(args, inputs, outputs, bits_at, rng, pyrng):
     elif how == "bits":
         args[bits_at] = pyrng.choice([0, 1, 9, 16, -3, 1 << 70, -(1 << 70), 3.0, "4", None, True + 0.5])
     elif how == "scalar":                                         # a bad value for one scalar after bits
-        weight = len(inputs) == 6
         slots = (["group", "n_quant", "symmetric", "scaling", "nthreads"] if weight
                  else ["n_quant", "symmetric", "nthreads"])
         slot = pyrng.randrange(len(slots))
@@ -210,10 +214,10 @@ def break_call(args, inputs, outputs, bits_at, rng, pyrng):
         k = pyrng.choice(inputs)
         flat = args[k].reshape(-1)
         bad = pyrng.choice([np.nan, np.inf, -np.inf])
-        if (len(inputs) == 2 and k == 1) or (len(inputs) == 6 and k in (4, 5)):
+        if (not weight and k == 1) or (weight and k in (4, 5)):
             bad = np.nan     # x / inf = 0 and sigmoid(+-inf) = 1 or 0 are finite: only NaN is bad there
         flat[pyrng.randrange(flat.size)] = bad
-        if len(inputs) == 6 and k in (2, 3):                      # LoRA factors: make B A non-finite
+        if weight and k in (2, 3):                                # LoRA factors: make B A non-finite
             args[k][...] = np.nan
     elif how == "readonly":
         k = pyrng.choice(outputs)
@@ -229,7 +233,9 @@ def break_call(args, inputs, outputs, bits_at, rng, pyrng):
         else:
             args[k] = args[src]
     elif how == "nargs":
-        del args[pyrng.randrange(len(args))]
+        # wq_forward's round_v is optional: without it the call is the valid short form, so it stays
+        optional_last = bits_at == 7 and len(args) == 14
+        del args[pyrng.randrange(len(args) - optional_last)]
     elif how == "none":
         k = pyrng.choice(inputs[:1] + ([outputs[0]] if bits_at - outputs[0] == 1 else []))   # a forward out
         args[k] = None

@@ -32,7 +32,7 @@ def test_author_keys(tmp_path):
     assert c.quant_rates == [0.25, 0.5, 0.75, 1.0]
     assert c.stage_epochs() == 15
     # learning rates are multiplied by the batch size, as in the authors' code
-    assert c.optimizer_lrs() == pytest.approx({"lwc": 0.03, "lora": 0.0015, "scale": 0.0})
+    assert c.optimizer_lrs() == pytest.approx({"lwc": 0.03, "lora": 0.0015, "scale": 0.0, "round": 0.0})
     # sliding_layer null means "same as num_layer" in the authors' code
     assert QuantConfig.from_dict({"num_layer": 3, "sliding_layer": None}).stride == 1
     assert QuantConfig.from_dict({"fill_window_size": None}).shallow_layers == 0

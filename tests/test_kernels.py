@@ -511,11 +511,16 @@ def test_gradients_do_not_depend_on_thread_count(isa):
     a, b = torch.randn(4, cols, generator=g) * 0.1, torch.randn(rows, 4, generator=g) * 0.1
     u, l = torch.randn(rows, cols // group, generator=g) + 2, torch.randn(rows, cols // group, generator=g) + 2
     grad = torch.randn(rows, cols, generator=g)
+    v = torch.rand(rows, cols, generator=g) - 0.5
     results = []
     for nt in (1, 2, 3):
         outs = [torch.empty_like(alpha), torch.empty_like(a), torch.empty_like(b), torch.empty_like(u),
                 torch.empty_like(l), torch.empty_like(w)]
         C.wq_backward(w, alpha, a, b, u, l, grad, *outs, 3, group, cols, False, 1.0, nt)
+        gv = torch.empty_like(w)                           # and with the rounding offset
+        outs_v = [torch.empty_like(t) for t in outs]
+        C.wq_backward(w, alpha, a, b, u, l, grad, *outs_v, 3, group, cols, False, 1.0, nt, v, gv)
+        outs += outs_v + [gv]
         gx, galpha = torch.empty_like(w), torch.empty_like(alpha)
         C.aq_backward(w, alpha, grad, gx, galpha, 4, cols, False, nt)
         results.append(outs + [gx, galpha])
@@ -689,3 +694,164 @@ def test_native_bf16_matches_the_kernel_cpu_flags(c_ext):
     expected = "avx512f" in flags and ("amx_bf16" in flags or "avx512_bf16" in flags)
     assert C.native_bf16() == expected
     assert ops.native_bf16() == expected
+
+
+# ---- the learnable rounding offset V: codes round(W_t / s + V) (docs/algorithm.md section 11) ------------
+
+def make_round_offset(w, params, bits, group, symmetric, seed):
+    """V uniform in [-0.5, 0.5] (many codes move, some onto the clamp), then nudged so that no
+    ``W_t / s + V`` of the oracle lies within DELTA of a rounding tie: V is free, so it is V that moves
+    (extremes included: V does not change the range)."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.rand(w.shape, generator=g) - 0.5
+    d = delta(bits)
+    grouped, s, _, _ = weight_oracle_grid(w, params, bits, group, symmetric)
+    for _ in range(10):
+        t = grouped / s + v.reshape(grouped.shape)
+        near = tie_distance(t) < d
+        if not near.any():
+            return v
+        away = torch.where(t - torch.floor(t) < 0.5, -1.0, 1.0)
+        v = torch.where(near, v.reshape(grouped.shape) + 4 * d * away, v.reshape(grouped.shape)).reshape(w.shape)
+    raise AssertionError("could not move V away from the rounding ties")
+
+
+V_CASES = [  # (bits, symmetric, group, rate, extras, w dtype, out dtype)
+    (3, False, 64, 1.0, (), torch.float32, torch.float32),
+    (3, False, 64, 0.5, ("lora",), torch.float32, torch.float32),       # n_quant < cols: V of the suffix ignored
+    (2, False, None, 1.0, ("alpha", "lora"), torch.float32, torch.float32),
+    (2, False, None, 0.5, (), torch.bfloat16, torch.bfloat16),          # per channel, prefix of columns
+    (4, True, 32, 1.0, ("lora",), torch.float32, torch.float32),
+    (3, True, 20, 0.5, ("alpha",), torch.bfloat16, torch.bfloat16),     # groups not a multiple of 8
+    (3, False, 64, 1.0, ("lora",), torch.float32, torch.bfloat16),      # fp32 master, bf16 result (autocast)
+    (8, False, 128, 1.0, (), torch.float32, torch.float32),
+]
+
+
+@pytest.mark.parametrize("bits,symmetric,group,rate,extras,w_dtype,out_dtype", V_CASES)
+def test_round_offset_matches_reference(isa, bits, symmetric, group, rate, extras, w_dtype, out_dtype):
+    """C forward and backward with V against autograd on the reference (oracle: the reference in the
+    weight's dtype, then ``.to(out_dtype)``); dL/dV = dL/dW_hat * s inside the code range, else 0."""
+    cols = 203 if group is None else 5 * group
+    seed = seed_of("round_offset", bits, symmetric, group, rate, extras, str(w_dtype), str(out_dtype))
+    w, params, grad = make_tie_free_weight_case(13, cols, group, extras, w_dtype, seed, bits, symmetric)
+    params["round_offset"] = make_round_offset(w, params, bits, group, symmetric, seed)
+    grad = grad.to(out_dtype)
+    kw = dict(bits=bits, group_size=group, symmetric=symmetric, quant_rate=rate)
+    out_c, gw_c, gp_c = run_weight(lambda w, **k: ops.fake_quant_weight(w, **k, out_dtype=out_dtype),
+                                   w, params, grad, **kw)
+    out_r, gw_r, gp_r = run_weight(lambda w, **k: reference.fake_quant_weight(w, **k).to(out_dtype),
+                                   w, params, grad, **kw)
+    mixed = w_dtype != out_dtype
+    assert out_c.dtype == out_dtype
+    assert_values_match(out_c, out_r, row_scale(w, params, out_r), what="W_hat", bf16=mixed)
+    assert_grads_match(gw_c, gw_r, what="dW", bf16=mixed)
+    for name in params:
+        assert_grads_match(gp_c[name], gp_r[name], what=f"d{name}", bf16=mixed)
+    n_quant = reference.quantized_prefix(cols, rate, group)
+    assert torch.equal(gp_c["round_offset"][:, n_quant:], torch.zeros(13, cols - n_quant))
+    # V really moved codes (else this would only test V = 0)
+    with torch.no_grad():
+        plain = ops.fake_quant_weight(w, **{**kw, **{k: v for k, v in params.items() if k != "round_offset"}})
+    assert not torch.equal(plain.to(out_dtype), out_c)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_round_offset_is_plain_rounding_bit_for_bit(isa, symmetric, dtype):
+    """V = 0 gives today's result and gradients exactly (value and bits), with LoRA, grouped and a prefix."""
+    w, params, grad = make_weight_case(37, 320, 64, ("alpha", "lora"), dtype, seed_of("v0", symmetric, str(dtype)))
+    kw = dict(bits=3, group_size=64, symmetric=symmetric, quant_rate=0.6)
+    out_0, gw_0, gp_0 = run_weight(ops.fake_quant_weight, w, params, grad, **kw)
+    out_v, gw_v, gp_v = run_weight(ops.fake_quant_weight, w, {**params, "round_offset": torch.zeros(37, 320)},
+                                   grad, **kw)
+
+    def bits_of(t):
+        return t.contiguous().view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+
+    assert torch.equal(bits_of(out_0), bits_of(out_v))
+    assert torch.equal(bits_of(gw_0), bits_of(gw_v))
+    for name in params:
+        assert torch.equal(bits_of(gp_0[name]), bits_of(gp_v[name])), name
+
+
+def test_round_offset_scalar_and_avx2_agree_exactly(c_ext):
+    """Without LoRA the two tables compute the same IEEE operations per element: W_hat and dV are equal."""
+    if not C.avx2_supported():
+        pytest.skip("CPU without AVX2")
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 1000, generator=g)              # 1000: per-channel rows with a tail of 8
+    u = torch.randn(64, 1, generator=g) + 2
+    v = torch.rand(64, 1000, generator=g) - 0.5
+    grad = torch.randn(64, 1000, generator=g)
+    results = []
+    for name in ("ref", "avx2"):
+        C.set_backend(name)
+        results.append(run_weight(ops.fake_quant_weight, w, {"lwc_upper": u, "lwc_lower": u, "round_offset": v},
+                                  grad, bits=3, quant_rate=0.7))
+    C.set_backend("auto")
+    (o_r, _, gp_r), (o_a, gw_a, gp_a) = results
+    assert torch.equal(o_r, o_a)
+    assert torch.equal(gp_r["round_offset"], gp_a["round_offset"])
+    assert_grads_match(gp_a["lwc_upper"], gp_r["lwc_upper"], what="du")
+
+
+def test_round_offset_hand_computed(isa):
+    # 2-bit asymmetric, no clipping: hi = 1, lo = -1, s = 2/3, z = 2; W / s = [-1.5, 0, 0.75, 1.5].
+    # V = [0.4, -0.4, -0.3, 0.2]: W / s + V = [-1.1, -0.4, 0.45, 1.7] -> round [-1, 0, 0, 2] + 2 = [1, 2, 2, 4]
+    # -> clamp [1, 2, 2, 3] -> (q - z) s = [-2/3, 0, 0, 2/3].  dV = go * s inside, 0 for the clamped last.
+    w = torch.tensor([[-1.0, 0.0, 0.5, 1.0]])
+    v = torch.tensor([[0.4, -0.4, -0.3, 0.2]], requires_grad=True)
+    out = ops.fake_quant_weight(w, 2, round_offset=v)
+    torch.testing.assert_close(out, torch.tensor([[-2 / 3, 0.0, 0.0, 2 / 3]]))
+    out.backward(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    torch.testing.assert_close(v.grad, torch.tensor([[2 / 3, 4 / 3, 2.0, 0.0]]))
+
+
+def test_round_offset_bad_input(path):
+    """Wrong shape, dtype or a non-finite V in the quantized columns: a clear exception on every path;
+    NaN in the unquantized suffix is ignored like the rest of V there."""
+    w = torch.randn(4, 128)
+    with pytest.raises(ValueError, match="round_offset must have the shape"):
+        ops.fake_quant_weight(w, 4, 64, round_offset=torch.zeros(128, 4))
+    with pytest.raises(ValueError, match="round_offset must have the shape"):
+        ops.fake_quant_weight(w, 4, 64, round_offset=torch.zeros(4 * 128))
+    with pytest.raises(TypeError, match="round_offset must be a floating-point"):
+        ops.fake_quant_weight(w, 4, 64, round_offset=torch.zeros(4, 128, dtype=torch.int32))
+    for bad in (float("nan"), float("inf")):
+        v = torch.zeros(4, 128)
+        v[2, 5] = bad
+        with pytest.raises(ValueError, match="rounding offset"):
+            ops.fake_quant_weight(w, 4, 64, round_offset=v)
+        v = torch.zeros(4, 128)
+        v[2, 100] = bad                                   # beyond the quantized prefix (rate 0.5: 64 columns)
+        torch.testing.assert_close(ops.fake_quant_weight(w, 4, 64, round_offset=v, quant_rate=0.5),
+                                   ops.fake_quant_weight(w, 4, 64, quant_rate=0.5))
+
+
+def test_round_offset_binding_checks(c_ext):
+    w = torch.randn(4, 128)
+    out = torch.empty_like(w)
+    args = (w, None, None, None, None, None, out, 4, 64, 128, False, 1.0, 1)
+    with pytest.raises(ValueError, match="'round_v' must have shape"):
+        C.wq_forward(*args, torch.zeros(4, 127))
+    with pytest.raises(TypeError, match="'round_v' must be float32"):
+        C.wq_forward(*args, torch.zeros(4, 128, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="13 or 14 positional arguments"):
+        C.wq_forward(*args, None, None)
+    with pytest.raises(ValueError, match="overlaps"):
+        C.wq_forward(*args, out)
+    nan = torch.zeros(4, 128)
+    nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="rounding offset"):
+        C.wq_forward(*args, nan)
+    grad = torch.randn(4, 128)
+    bwd = (w, None, None, None, None, None, grad, None, None, None, None, None, torch.empty_like(w), 4, 64, 128,
+           False, 1.0, 1)
+    with pytest.raises(ValueError, match="'grad_round_v' was requested but its input is absent"):
+        C.wq_backward(*bwd, None, torch.empty_like(w))
+    with pytest.raises(ValueError, match="rounding offset"):
+        C.wq_backward(*bwd, nan, torch.empty_like(w))
+    with pytest.raises(TypeError, match="19 or 21 positional arguments"):
+        C.wq_backward(*bwd, None)
+    C.wq_forward(*args, None)                              # the optional argument may be None

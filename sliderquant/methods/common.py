@@ -41,9 +41,10 @@ def fp32_layer_inputs(model: nn.Module, calibration: torch.Tensor):
         layers.to(dtype)
 
 
-def wrap_layers(model: nn.Module, cfg, lwc: bool, lora_rank: int,
-                channel_scale: bool = False) -> list[dict[str, QuantLinear]]:
+def wrap_layers(model: nn.Module, cfg, lwc: bool, lora_rank: int, channel_scale: bool = False,
+                round_offset: bool = False) -> list[dict[str, QuantLinear]]:
     """Swap every linear of every decoder layer for a ``QuantLinear``; one dict per layer.
+    ``round_offset``: give each a learnable rounding offset V (``QuantLinear``).
 
     LoRA factors are drawn from a generator seeded by (seed, layer, linear), never from the
     global RNG, so a resumed run draws the same ones."""
@@ -56,7 +57,8 @@ def wrap_layers(model: nn.Module, cfg, lwc: bool, lora_rank: int,
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i * 1009 + j)
             ql = QuantLinear(lin, cfg.wbits, cfg.group_size, cfg.symmetric, cfg.abits,
                              lora_rank=lora_rank, lwc=lwc, channel_scale=channel_scale,
-                             lora_scaling=cfg.lora_alpha / max(lora_rank, 1), generator=gen)
+                             lora_scaling=cfg.lora_alpha / max(lora_rank, 1), generator=gen,
+                             round_offset=round_offset)
             ql.to(lin.weight.device)
             models.set_submodule(layer, name, ql)
             qls[name] = ql

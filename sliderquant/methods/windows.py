@@ -138,7 +138,7 @@ class WindowRun:
         self.model, self.cfg, self.plan, self.work = model, cfg, plan, work
         self.layers = models.decoder_layers(model)
         self.qlayers = wrap_layers(model, cfg, lwc=True, lora_rank=plan.lora_rank,
-                                   channel_scale=cfg.scale_lr > 0)
+                                   channel_scale=cfg.scale_lr > 0, round_offset=cfg.round_lr > 0)
         self.x0, self.layer_kwargs = x0, layer_kwargs
         self.amp = autocast_context(cfg, x0.device)
         self.steps = [Step(s, rate, k, w) for s, rate in enumerate(plan.rates)
@@ -218,11 +218,11 @@ class WindowRun:
 def train_window(block, qlayers, x_q, target, layer_kwargs, cfg, epochs, amp, gen) -> None:
     """AdamW over the window's learnable parameters, learning rate decaying linearly to 0."""
     lrs = cfg.optimizer_lrs()
-    groups: dict[str, list] = {"lwc": [], "lora": [], "scale": []}
-    for d in qlayers:
-        for q in d.values():
-            for key, params in q.param_groups().items():
-                groups[key] += params
+    groups: dict[str, list] = {"lwc": [], "lora": [], "scale": [], "round": []}
+    qls = [q for d in qlayers for q in d.values()]
+    for q in qls:
+        for key, params in q.param_groups().items():
+            groups[key] += params
     param_groups = [{"params": ps, "lr": lrs[key], "weight_decay": 0.0}
                     for key, ps in groups.items() if ps and lrs[key] > 0]
     if not param_groups or epochs == 0:
@@ -235,6 +235,8 @@ def train_window(block, qlayers, x_q, target, layer_kwargs, cfg, epochs, amp, ge
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        for q in qls:
+            q.project_()
         sched.step()
 
 
