@@ -355,7 +355,7 @@ static PyObject *raise_status(int status, const char *what) {
     case SQ_ERR_NONFINITE_PARAM:
         PyErr_Format(PyExc_ValueError,
                      "the quantization scale of %s is NaN or Inf: the clipping logits (lwc_upper / "
-                     "lwc_lower) are not finite",
+                     "lwc_lower; or factors, lwc_param linear) are not finite",
                      what);
         break;
     case SQ_ERR_NONFINITE_ROUND_V:
@@ -514,13 +514,23 @@ static PyObject *run_status(int status, const char *what) {
     Py_RETURN_NONE;
 }
 
-/* The optional rounding offset V: None, or float32 of the weight's shape. */
+/* The optional trailing arguments: the rounding offset V (None, or float32 of the weight's shape) and
+ * whether the LWC parameters are linear factors. */
 static int add_round_v(view_set *s, PyObject *obj, wq_call *c) {
     view *v = views_add(s, obj, "round_v", 1, 0);
     if (!v) return PyErr_Occurred() ? -1 : 0;
     const int64_t shp[2] = {c->p.rows, c->p.cols};
     if (view_require_f32(v) < 0 || view_require_shape(v, 2, shp, "(out_features, in_features)") < 0) return -1;
     c->in.round_v = (const float *)v->data;
+    return 0;
+}
+
+static int parse_lwc_linear(PyObject *obj, wq_call *c) {
+    if (!PyBool_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "argument 'lwc_linear' must be a bool, got %s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    c->p.lwc_linear = obj == Py_True;
     return 0;
 }
 
@@ -533,20 +543,21 @@ static int check_nargs_either(Py_ssize_t nargs, Py_ssize_t base, Py_ssize_t full
 
 PyDoc_STRVAR(wq_forward_doc,
              "wq_forward(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, out, bits, group_size, n_quant,\n"
-             "           symmetric, lora_scaling, nthreads[, round_v])\n--\n\n"
+             "           symmetric, lora_scaling, nthreads[, round_v, lwc_linear])\n--\n\n"
              "Weight fake quantization: out = Q(w * channel_scale + lora_scaling * lora_b @ lora_a) with learnable\n"
              "clipping. group_size 0 means per output channel. Optional inputs may be None. out is float32 or\n"
              "bfloat16, independently of w (e.g. a bf16 result from an fp32 master weight). round_v (float32,\n"
-             "the shape of w, or None) is the rounding offset V: codes round(Wt / s + V).");
+             "the shape of w, or None) is the rounding offset V: codes round(Wt / s + V). lwc_linear (bool): the\n"
+             "clipping parameters are the factors (hi = lwc_upper * max) instead of logits (sigmoid(lwc_upper) * max).");
 
 static PyObject *wq_forward(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs_either(nargs, 13, 14, "wq_forward") < 0) return NULL;
+    if (check_nargs_either(nargs, 13, 15, "wq_forward") < 0) return NULL;
     view_set s = {0};
     wq_call c;
     void *out;
     PyObject *res = NULL;
     if (wq_parse(&s, args, args + 7, &c) < 0) goto done;
-    if (nargs > 13 && add_round_v(&s, args[13], &c) < 0) goto done;
+    if (nargs > 13 && (add_round_v(&s, args[13], &c) < 0 || parse_lwc_linear(args[14], &c) < 0)) goto done;
     if (add_data_like(&s, args[6], "out", 1, &s.v[0], c.p.dtype, &out, &c.p.out_dtype) < 0) goto done;
     if (views_check_aliasing(&s) < 0) goto done;
     const sq_kernel_table *k = get_state(module)->kernels;
@@ -563,19 +574,19 @@ done:
 PyDoc_STRVAR(wq_backward_doc,
              "wq_backward(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, grad_out, grad_channel_scale,\n"
              "            grad_lora_a, grad_lora_b, grad_lwc_upper, grad_lwc_lower, grad_wt, bits, group_size,\n"
-             "            n_quant, symmetric, lora_scaling, nthreads[, round_v, grad_round_v])\n--\n\n"
+             "            n_quant, symmetric, lora_scaling, nthreads[, round_v, grad_round_v, lwc_linear])\n--\n\n"
              "Backward of wq_forward (straight-through rounding). grad_out has the dtype of wq_forward's out;\n"
              "each grad_* output is a float32 tensor or None.");
 
 static PyObject *wq_backward(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs_either(nargs, 19, 21, "wq_backward") < 0) return NULL;
+    if (check_nargs_either(nargs, 19, 22, "wq_backward") < 0) return NULL;
     view_set s = {0};
     wq_call c;
     sq_wq_grads g = {0};
     PyObject *res = NULL;
     void *grad_out;
     if (wq_parse(&s, args, args + 13, &c) < 0) goto done;
-    if (nargs > 19 && add_round_v(&s, args[19], &c) < 0) goto done;
+    if (nargs > 19 && (add_round_v(&s, args[19], &c) < 0 || parse_lwc_linear(args[21], &c) < 0)) goto done;
     if (add_data_like(&s, args[6], "grad_out", 0, &s.v[0], c.p.dtype, &grad_out, &c.p.out_dtype) < 0) goto done;
     g.grad_out = grad_out;
     const int64_t rows = c.p.rows, cols = c.p.cols, r = c.p.rank;

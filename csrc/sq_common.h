@@ -72,19 +72,22 @@ static inline float sq_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 typedef struct {
     float mx, mn;       /* max / min of the group */
     float sig_u, sig_l; /* clipping factors (1 when no LWC) */
+    int lwc_linear;     /* the LWC parameters are the factors themselves, not logits */
     float hi, lo;       /* clipped range */
     float s_raw;        /* scale before clamping */
     float s, z;         /* scale and zero point */
     float qmin, qmax;
 } sq_grid;
 
-static inline int sq_grid_make(float mx, float mn, const float *u, const float *l, int bits,
-                               int symmetric, sq_grid *g) {
+/* lwc_linear: u and l are the clipping factors (hi = u * max); otherwise logits (hi = sigmoid(u) * max). */
+static inline int sq_grid_make_lwc(float mx, float mn, const float *u, const float *l, int lwc_linear, int bits,
+                                   int symmetric, sq_grid *g) {
     if (!isfinite(mx) || !isfinite(mn)) return SQ_ERR_NONFINITE_INPUT;
     g->mx = mx;
     g->mn = mn;
-    g->sig_u = u ? sq_sigmoid(*u) : 1.0f;
-    g->sig_l = l ? sq_sigmoid(*l) : 1.0f;
+    g->lwc_linear = lwc_linear;
+    g->sig_u = u ? (lwc_linear ? *u : sq_sigmoid(*u)) : 1.0f;
+    g->sig_l = l ? (lwc_linear ? *l : sq_sigmoid(*l)) : 1.0f;
     g->hi = u ? g->sig_u * mx : mx;
     g->lo = l ? g->sig_l * mn : mn;
     /* A NaN logit makes hi or lo NaN.  Check them here: the symmetric scale takes fmaxf of the
@@ -103,6 +106,11 @@ static inline int sq_grid_make(float mx, float mn, const float *u, const float *
     g->s = fminf(fmaxf(g->s_raw, SQ_SCALE_MIN), SQ_SCALE_MAX);
     g->z = symmetric ? 0.0f : nearbyintf(-g->lo / g->s);
     return SQ_OK;
+}
+
+static inline int sq_grid_make(float mx, float mn, const float *u, const float *l, int bits, int symmetric,
+                               sq_grid *g) {
+    return sq_grid_make_lwc(mx, mn, u, l, 0, bits, symmetric, g);
 }
 
 static inline float sq_grid_apply(const sq_grid *g, float x) {
@@ -149,8 +157,13 @@ static inline void sq_grid_backward(const sq_grid *g, int symmetric, int has_u, 
             d_lo = -d_raw;
         }
     }
-    *du = has_u ? d_hi * g->mx * (g->sig_u * (1.0f - g->sig_u)) : 0.0f;
-    *dl = has_l ? d_lo * g->mn * (g->sig_l * (1.0f - g->sig_l)) : 0.0f;
+    if (g->lwc_linear) {
+        *du = has_u ? d_hi * g->mx : 0.0f;
+        *dl = has_l ? d_lo * g->mn : 0.0f;
+    } else {
+        *du = has_u ? d_hi * g->mx * (g->sig_u * (1.0f - g->sig_u)) : 0.0f;
+        *dl = has_l ? d_lo * g->mn * (g->sig_l * (1.0f - g->sig_l)) : 0.0f;
+    }
     *dmx = has_u ? d_hi * g->sig_u : d_hi;
     *dmn = has_l ? d_lo * g->sig_l : d_lo;
 }

@@ -8,6 +8,7 @@
  * Weight fake quantization, one row i of W (rows x cols), groups of `group` columns:
  *   Wt    = W * alpha + lora_scaling * (B A)            (alpha, A, B optional)
  *   hi    = sigmoid(u[i,j]) * max(Wt group j),  lo = sigmoid(l[i,j]) * min(Wt group j)
+ *           (lwc_linear: hi = u[i,j] * max, lo = l[i,j] * min; the parameters are the factors)
  *   asym:  s = clamp((hi - lo) / (2^b - 1), 1e-5, 1e4),  z = round(-lo / s)
  *          q = clamp(round(Wt / s + V) + z, 0, 2^b - 1),   W_hat = (q - z) * s
  *   sym:   s = clamp(max(|hi|, |lo|) / (2^(b-1) - 1), ...), q = clamp(round(Wt / s + V), -2^(b-1), 2^(b-1) - 1)
@@ -49,6 +50,7 @@ typedef struct {
     int nthreads;
     sq_dtype dtype;     /* dtype of W; parameters are always float32 */
     sq_dtype out_dtype; /* dtype of W_hat and dL/dW_hat (e.g. bf16 from an fp32 master weight under autocast) */
+    int lwc_linear;     /* lwc_u / lwc_l are clipping factors, not logits */
 } sq_wq_params;
 
 /* Pointers of one weight fake-quant call.  NULL means "absent" (inputs) or "not wanted" (grads). */

@@ -29,8 +29,8 @@ static int group_grid(const sq_wq_params *p, const sq_wq_inputs *in, const float
         mn = fminf(mn, x[c]);
     }
     if (!finite) return SQ_ERR_NONFINITE_INPUT;
-    return sq_grid_make(mx, mn, in->lwc_u ? in->lwc_u + i * n_groups + j : NULL,
-                        in->lwc_l ? in->lwc_l + i * n_groups + j : NULL, p->bits, p->symmetric, g);
+    return sq_grid_make_lwc(mx, mn, in->lwc_u ? in->lwc_u + i * n_groups + j : NULL,
+                            in->lwc_l ? in->lwc_l + i * n_groups + j : NULL, p->lwc_linear, p->bits, p->symmetric, g);
 }
 
 int sq_wq_forward_ref(const sq_wq_params *p, const sq_wq_inputs *in, void *out) {

@@ -81,6 +81,8 @@ class QuantConfig:
     revert_worse_windows: bool = False
     # small-budget options (docs/algorithm.md section 11); the defaults are the paper's method
     round_lr: float = 0.0            # per-sample lr of the rounding offset V; 0 = no V
+    lwc_param: str = "sigmoid"       # sigmoid: LWC logits (the paper); linear: the clipping factors, in [0.5, 1]
+    lwc_init: str = "none"           # none: logit 4.0 / factor 1.0; search: per-group weight-error grid search
 
     def __post_init__(self) -> None:
         self.validate()
@@ -214,6 +216,10 @@ class QuantConfig:
     def _validate_small_budget(self) -> None:
         """The options of docs/algorithm.md section 11 act on the trained windows only: a method that
         trains none (rtn, gptq) refuses them rather than ignore them."""
+        if self.lwc_param not in ("sigmoid", "linear"):
+            raise ValueError(f"lwc_param must be sigmoid or linear, got {self.lwc_param!r}")
+        if self.lwc_init not in ("none", "search"):
+            raise ValueError(f"lwc_init must be none or search, got {self.lwc_init!r}")
         changed = [f"{name}: {getattr(self, name)!r}" for name, default in _SMALL_BUDGET_DEFAULTS.items()
                    if getattr(self, name) != default]
         if changed and not METHODS[self.method].trains_windows:
@@ -222,7 +228,7 @@ class QuantConfig:
 
 
 # the small-budget options and their defaults (the paper's method)
-_SMALL_BUDGET_DEFAULTS = {"round_lr": 0.0}
+_SMALL_BUDGET_DEFAULTS = {"round_lr": 0.0, "lwc_param": "sigmoid", "lwc_init": "none"}
 
 
 def _int(name: str, value, minimum: int, maximum: int | None = None) -> None:

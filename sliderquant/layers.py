@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .quantizer import ROUND_OFFSET_BOUND, dequantize, layer_group_size, lwc_logits, round_offsets
+from .quantizer import LWC_LINEAR_MIN, ROUND_OFFSET_BOUND, dequantize, layer_group_size, lwc_params, round_offsets
 
 _LEARNED = ("lwc_upper", "lwc_lower", "lora_a", "lora_b", "channel_scale", "round_offset")
 
@@ -26,7 +26,8 @@ class QuantLinear(nn.Module):
     def __init__(self, linear: nn.Linear, wbits: int, group_size: int | None = None,
                  symmetric: bool = False, abits: int = 16, lora_rank: int = 0,
                  lwc: bool = True, channel_scale: bool = False, lora_scaling: float = 1.0,
-                 generator: torch.Generator | None = None, round_offset: bool = False):
+                 generator: torch.Generator | None = None, round_offset: bool = False,
+                 lwc_param: str = "sigmoid", lwc_init: str = "none"):
         super().__init__()
         out_f, in_f = linear.weight.shape
         self.in_features, self.out_features = in_f, out_f
@@ -38,8 +39,12 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.lwc_upper = lwc_logits(out_f, in_f, self.group_size) if lwc else None
-        self.lwc_lower = lwc_logits(out_f, in_f, self.group_size) if lwc else None
+        self.lwc_param = lwc_param      # "sigmoid": the LWC parameters are logits; "linear": the factors
+        if lwc:
+            self.lwc_upper, self.lwc_lower = lwc_params(linear.weight, self.group_size, wbits, symmetric,
+                                                        lwc_param, lwc_init)
+        else:
+            self.lwc_upper = self.lwc_lower = None
         if lora_rank > 0:
             a = torch.empty(lora_rank, in_f, dtype=torch.float32)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
@@ -73,7 +78,11 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def project_(self) -> None:
         """Bring the parameters back into their domain after an optimizer step: V to [-0.5, 0.5]
-        (a layer is trained in several windows and stages, so the schedule alone does not bound it)."""
+        (a layer is trained in several windows and stages, so the schedule alone does not bound it),
+        linear LWC factors to [0.5, 1]."""
+        if self.lwc_param == "linear" and self.lwc_upper is not None:
+            self.lwc_upper.clamp_(LWC_LINEAR_MIN, 1.0)
+            self.lwc_lower.clamp_(LWC_LINEAR_MIN, 1.0)
         if self.round_offset is not None:
             self.round_offset.clamp_(-ROUND_OFFSET_BOUND, ROUND_OFFSET_BOUND)
 
@@ -82,7 +91,7 @@ class QuantLinear(nn.Module):
         return dict(bits=self.wbits, group_size=self.group_size, symmetric=self.symmetric,
                     lwc_upper=self.lwc_upper, lwc_lower=self.lwc_lower,
                     channel_scale=self.channel_scale, lora_a=self.lora_a, lora_b=self.lora_b,
-                    lora_scaling=self.lora_scaling, round_offset=self.round_offset)
+                    lora_scaling=self.lora_scaling, round_offset=self.round_offset, lwc_param=self.lwc_param)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.finalized or not self.quantize:

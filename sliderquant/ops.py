@@ -90,18 +90,19 @@ def _raw(*tensors):
 @torch.library.custom_op("sliderquant::fake_quant_weight", mutates_args=())
 def _wq(w: Tensor, channel_scale: Optional[Tensor], lora_a: Optional[Tensor], lora_b: Optional[Tensor],
         lwc_upper: Optional[Tensor], lwc_lower: Optional[Tensor], round_offset: Optional[Tensor], bits: int,
-        group_size: int, n_quant: int, symmetric: bool, lora_scaling: float, out_dtype: torch.dtype) -> Tensor:
+        group_size: int, n_quant: int, symmetric: bool, lora_scaling: float, lwc_linear: bool,
+        out_dtype: torch.dtype) -> Tensor:
     out = torch.empty_like(w, dtype=out_dtype, memory_format=torch.contiguous_format)
     w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offset = _raw(
         w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offset)
     _C.wq_forward(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, out, bits, group_size, n_quant,
-                  symmetric, lora_scaling, _nthreads(w.numel()), round_offset)
+                  symmetric, lora_scaling, _nthreads(w.numel()), round_offset, lwc_linear)
     return out
 
 
 @_wq.register_fake
 def _wq_fake(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offset, bits, group_size, n_quant,
-             symmetric, lora_scaling, out_dtype):
+             symmetric, lora_scaling, lwc_linear, out_dtype):
     return torch.empty_like(w, dtype=out_dtype, memory_format=torch.contiguous_format)
 
 
@@ -109,13 +110,13 @@ def _wq_fake(w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offse
 def _wq_bwd(grad: Tensor, w: Tensor, channel_scale: Optional[Tensor], lora_a: Optional[Tensor],
             lora_b: Optional[Tensor], lwc_upper: Optional[Tensor], lwc_lower: Optional[Tensor],
             round_offset: Optional[Tensor], bits: int, group_size: int, n_quant: int, symmetric: bool,
-            lora_scaling: float, needs: List[bool]) -> List[Tensor]:
+            lora_scaling: float, lwc_linear: bool, needs: List[bool]) -> List[Tensor]:
     params = (channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offset)
     outs = [torch.empty_like(p) if (p is not None and need) else None for p, need in zip(params, needs[1:])]
     grad_wt = torch.empty(w.shape, dtype=torch.float32) if needs[0] else None
     raw = _raw(w, *params, grad)
     _C.wq_backward(*raw[:6], raw[7], *outs[:5], grad_wt, bits, group_size, n_quant, symmetric, lora_scaling,
-                   _nthreads(w.numel()), raw[6], outs[5])
+                   _nthreads(w.numel()), raw[6], outs[5], lwc_linear)
     if grad_wt is not None:
         grad_w = (grad_wt * channel_scale.detach() if channel_scale is not None else grad_wt).to(w.dtype)
     else:
@@ -125,7 +126,7 @@ def _wq_bwd(grad: Tensor, w: Tensor, channel_scale: Optional[Tensor], lora_a: Op
 
 @_wq_bwd.register_fake
 def _wq_bwd_fake(grad, w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offset, bits, group_size,
-                 n_quant, symmetric, lora_scaling, needs):
+                 n_quant, symmetric, lora_scaling, lwc_linear, needs):
     tensors = (w, channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offset)
     return [torch.empty_like(t) if (t is not None and need) else w.new_empty(0) for t, need in zip(tensors, needs)]
 
@@ -243,7 +244,7 @@ def _check_finite(t: Tensor, what: str) -> None:
 # a path that is only the fallback (CUDA, no extension, SLIDERQUANT_ISA=torch).
 
 def _check_torch_weight(w, group_size, symmetric, lwc_upper, lwc_lower, channel_scale, lora_a, lora_b,
-                        lora_scaling) -> None:
+                        lora_scaling, lwc_param="sigmoid") -> None:
     with torch.no_grad():
         out_f, in_f = w.shape
         g = in_f if group_size is None else group_size
@@ -252,15 +253,15 @@ def _check_torch_weight(w, group_size, symmetric, lwc_upper, lwc_lower, channel_
         grouped = wt.reshape(out_f, in_f // g, g)
         hi, lo = grouped.amax(dim=-1), grouped.amin(dim=-1)
         if lwc_upper is not None:
-            hi = torch.sigmoid(lwc_upper) * hi
+            hi = reference.lwc_factor(lwc_upper, lwc_param) * hi
         if lwc_lower is not None:
-            lo = torch.sigmoid(lwc_lower) * lo
+            lo = reference.lwc_factor(lwc_lower, lwc_param) * lo
         # torch.maximum propagates NaN (unlike C's fmaxf), so the scale carries a NaN logit through
         s_raw = torch.maximum(hi.abs(), lo.abs()) if symmetric else hi - lo
         if not (bool(torch.isfinite(hi).all()) and bool(torch.isfinite(lo).all())
                 and bool(torch.isfinite(s_raw).all())):
             raise ValueError("the quantization scale of the weight is NaN or Inf: the clipping logits "
-                             "(lwc_upper / lwc_lower) are not finite")
+                             "(lwc_upper / lwc_lower; or factors, lwc_param linear) are not finite")
 
 
 def _check_torch_round_offset(round_offset, n_quant: int) -> None:
@@ -285,7 +286,7 @@ def fake_quant_weight(w: Tensor, bits: int, group_size: Optional[int] = None, sy
                       channel_scale: Optional[Tensor] = None, lora_a: Optional[Tensor] = None,
                       lora_b: Optional[Tensor] = None, lora_scaling: float = 1.0,
                       quant_rate: float = 1.0, out_dtype: Optional[torch.dtype] = None,
-                      round_offset: Optional[Tensor] = None) -> Tensor:
+                      round_offset: Optional[Tensor] = None, lwc_param: str = "sigmoid") -> Tensor:
     """Fake-quantize a weight: ``Q(W * channel_scale + lora_scaling * lora_b @ lora_a)``.
 
     Args:
@@ -295,6 +296,8 @@ def fake_quant_weight(w: Tensor, bits: int, group_size: Optional[int] = None, sy
         group_size: columns per quantization group (must divide in_features); ``None`` = per channel.
         symmetric: symmetric grid without zero point instead of the default asymmetric one.
         lwc_upper, lwc_lower: learnable clipping logits, (out_features, n_groups); ``None`` = no clipping.
+        lwc_param: ``"sigmoid"`` (the factors are ``sigmoid(lwc_upper)``, ``sigmoid(lwc_lower)``) or
+            ``"linear"`` (``lwc_upper`` and ``lwc_lower`` are the factors).
         channel_scale: (in_features,) per-input-channel scale ``alpha``.
         lora_a, lora_b: low-rank refinement, (r, in_features) and (out_features, r).
         quant_rate: only the first ``ceil(rate * in_features)`` columns (or ``ceil(rate * n_groups)``
@@ -308,6 +311,8 @@ def fake_quant_weight(w: Tensor, bits: int, group_size: Optional[int] = None, sy
     Differentiable in ``w`` and every parameter (straight-through rounding, docs/algorithm.md section 4.3).
     """
     bits = check_bits(bits)
+    if lwc_param not in reference.LWC_PARAMS:
+        raise ValueError(f"lwc_param must be 'sigmoid' or 'linear', got {lwc_param!r}")
     w = _check_data(w, "w", 2)
     if w.dim() != 2:
         raise ValueError(f"w must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
@@ -339,12 +344,13 @@ def fake_quant_weight(w: Tensor, bits: int, group_size: Optional[int] = None, sy
         raise TypeError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype!r}")
     if not _use_c(w):
         _check_torch_weight(w, group_size, symmetric, lwc_upper, lwc_lower, channel_scale, lora_a, lora_b,
-                            lora_scaling)
+                            lora_scaling, lwc_param)
         _check_torch_round_offset(round_offset, n_quant)
         return reference.fake_quant_weight(w, bits, group_size, symmetric, lwc_upper, lwc_lower, channel_scale,
-                                           lora_a, lora_b, lora_scaling, quant_rate, round_offset).to(out_dtype)
+                                           lora_a, lora_b, lora_scaling, quant_rate, round_offset,
+                                           lwc_param).to(out_dtype)
     return _wq(w.contiguous(), channel_scale, lora_a, lora_b, lwc_upper, lwc_lower, round_offset, bits,
-               group_size or 0, n_quant, bool(symmetric), lora_scaling, out_dtype)
+               group_size or 0, n_quant, bool(symmetric), lora_scaling, lwc_param == "linear", out_dtype)
 
 
 def fake_quant_act(x: Tensor, bits: int, symmetric: bool = False, channel_scale: Optional[Tensor] = None,

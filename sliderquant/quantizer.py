@@ -1,9 +1,10 @@
-"""The quantization grid and its learnable parameters (docs/algorithm.md section 4).
+"""The quantization grid and its learnable parameters (docs/algorithm.md sections 4 and 11).
 
 The math itself lives in ``ops`` (C kernels, with ``reference`` as the oracle); this module holds
-what is shared by every method: the group size a layer uses, the shape of the LWC logits, and the
-dequantization of stored codes.  Group sizes are checked by ``limits.check_group_size``, the rule
-every part of the project uses.
+what is shared by every method: the group size a layer uses, the shape and start of the LWC
+parameters (logits, or the factors themselves), the rounding offset, and the dequantization of
+stored codes.  Group sizes are checked by ``limits.check_group_size``, the rule every part of the
+project uses.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import logging
 import torch
 from torch import nn
 
+from . import ops
 from .limits import check_group_size
 
 log = logging.getLogger(__name__)
 
 LWC_INIT = 4.0   # sigmoid(4) = 0.982: start with almost no clipping
 ROUND_OFFSET_BOUND = 0.5   # V is kept in [-0.5, 0.5]: a code moves by at most one step from round-to-nearest
+LWC_LINEAR_MIN = 0.5       # linear LWC factors are kept in [0.5, 1]
+SEARCH_MIN, SEARCH_STEP = 0.6, 0.02   # the clipping search tries factors from the start value down to 0.6
 _WARNED: set = set()
 
 
@@ -48,9 +52,51 @@ def n_groups(in_features: int, group_size: int | None) -> int:
     return 1 if group_size is None else in_features // group_size
 
 
-def lwc_logits(out_features: int, in_features: int, group_size: int | None) -> nn.Parameter:
-    return nn.Parameter(torch.full((out_features, n_groups(in_features, group_size)), LWC_INIT,
-                                   dtype=torch.float32))
+def lwc_start(lwc_param: str) -> float:
+    """The parameter value of 'no search': logit 4.0 (factor 0.982) or the factor 1.0 (linear)."""
+    return LWC_INIT if lwc_param == "sigmoid" else 1.0
+
+
+def lwc_params(w: torch.Tensor, group_size: int | None, bits: int, symmetric: bool, lwc_param: str = "sigmoid",
+               lwc_init: str = "none") -> tuple[nn.Parameter, nn.Parameter]:
+    """The upper and lower LWC parameters (out, n_groups) of weight ``w``: logits (``sigmoid``) or
+    factors (``linear``), at the start value, or (``lwc_init="search"``) at each group's factor from
+    ``search_clipping``."""
+    out_f, in_f = w.shape
+    if lwc_init == "search":
+        start = torch.sigmoid(torch.tensor(LWC_INIT)).item() if lwc_param == "sigmoid" else 1.0
+        factors = search_clipping(w, bits, group_size, symmetric, start)
+        if lwc_param == "sigmoid":    # the start itself keeps the exact logit 4.0
+            values = torch.where(factors == start, torch.tensor(LWC_INIT), torch.logit(factors.double()).float())
+        else:
+            values = factors
+    else:
+        values = torch.full((out_f, n_groups(in_f, group_size)), lwc_start(lwc_param), dtype=torch.float32)
+    return nn.Parameter(values.clone()), nn.Parameter(values.clone())
+
+
+@torch.no_grad()
+def search_clipping(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                    start: float = 1.0) -> torch.Tensor:
+    """Per row or group, the clipping factor (applied to both the max and the min) with the smallest
+    weight error ``sum (W_hat - W)^2`` over the grid ``start, start - 0.02, ..., >= 0.6``; float32
+    (out, n_groups).  A tie keeps the larger factor (less clipping)."""
+    out_f, in_f = w.shape
+    g = in_f if group_size is None else group_size
+    wf = w.detach().float()
+    best_err = torch.full((out_f, in_f // g), float("inf"))
+    best = torch.full((out_f, in_f // g), start, dtype=torch.float32)
+    k = 0
+    while start - k * SEARCH_STEP >= SEARCH_MIN - 1e-9:
+        factor = torch.full_like(best, start - k * SEARCH_STEP)
+        w_hat = ops.fake_quant_weight(wf, bits, group_size, symmetric, lwc_upper=factor, lwc_lower=factor,
+                                      lwc_param="linear")
+        err = (w_hat - wf).square().reshape(out_f, -1, g).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, factor, best)
+        k += 1
+    return best
 
 
 def round_offsets(out_features: int, in_features: int) -> nn.Parameter:

@@ -13,7 +13,8 @@ Conventions shared with the C kernels:
   straight-through estimator; the zero point's rounding carries no gradient (OmniQuant).
 * The clipping range comes from ``amax``/``amin`` of the whole row or group, so gradient
   reaches the extreme elements (ties share it evenly, as ``torch.amax`` does) and the LWC
-  logits through ``sigmoid``.
+  logits through ``sigmoid``.  With ``lwc_param="linear"`` the LWC parameters are the clipping
+  factors themselves (``hi = u * max``), with no sigmoid in between.
 * ``quant_rate`` quantizes only a prefix of the input columns (or of the groups); the suffix
   passes through unchanged.  The scale and zero point still come from the whole row or group.
 * ``round_offset`` (V, out x in, optional) is a learnable rounding offset in units of the step:
@@ -91,7 +92,18 @@ def transformed_weight(w: torch.Tensor, channel_scale=None, lora_a=None, lora_b=
     return wt
 
 
-def _clipped_groups(w, group_size, lwc_upper, lwc_lower, channel_scale, lora_a, lora_b, lora_scaling):
+LWC_PARAMS = ("sigmoid", "linear")
+
+
+def lwc_factor(p: torch.Tensor, lwc_param: str = "sigmoid") -> torch.Tensor:
+    """The clipping factor of an LWC parameter: ``sigmoid(p)`` (a logit) or ``p`` itself (linear)."""
+    if lwc_param not in LWC_PARAMS:
+        raise ValueError(f"lwc_param must be 'sigmoid' or 'linear', got {lwc_param!r}")
+    return torch.sigmoid(p.float()) if lwc_param == "sigmoid" else p.float()
+
+
+def _clipped_groups(w, group_size, lwc_upper, lwc_lower, channel_scale, lora_a, lora_b, lora_scaling,
+                    lwc_param="sigmoid"):
     """``W_t`` (out, in), the same as (out, n_groups, g), and each group's clipped ``hi``, ``lo``."""
     out_f, in_f = w.shape
     g = in_f if group_size is None else group_size
@@ -101,9 +113,9 @@ def _clipped_groups(w, group_size, lwc_upper, lwc_lower, channel_scale, lora_a, 
     hi = grouped.amax(dim=-1, keepdim=True)
     lo = grouped.amin(dim=-1, keepdim=True)
     if lwc_upper is not None:
-        hi = torch.sigmoid(lwc_upper.float()).reshape(out_f, n_groups, 1) * hi
+        hi = lwc_factor(lwc_upper, lwc_param).reshape(out_f, n_groups, 1) * hi
     if lwc_lower is not None:
-        lo = torch.sigmoid(lwc_lower.float()).reshape(out_f, n_groups, 1) * lo
+        lo = lwc_factor(lwc_lower, lwc_param).reshape(out_f, n_groups, 1) * lo
     return wt, grouped, hi, lo
 
 
@@ -113,15 +125,16 @@ def _grouped_offset(round_offset, grouped):
 
 def fake_quant_weight(w, bits, group_size=None, symmetric=False, lwc_upper=None, lwc_lower=None,
                       channel_scale=None, lora_a=None, lora_b=None, lora_scaling=1.0,
-                      quant_rate=1.0, round_offset=None):
+                      quant_rate=1.0, round_offset=None, lwc_param="sigmoid"):
     """``W_hat = Q(W * alpha + s B A)`` with learnable weight clipping; returns ``w.dtype``.
 
-    ``lwc_upper``/``lwc_lower`` are logits of shape (out, 1) or (out, in // group_size);
-    ``None`` means no clipping (factor 1).  ``round_offset``: the rounding offset V (out, in).
+    ``lwc_upper``/``lwc_lower`` are logits (or, ``lwc_param="linear"``, factors) of shape (out, 1)
+    or (out, in // group_size); ``None`` means no clipping (factor 1).  ``round_offset``: the
+    rounding offset V (out, in).
     """
     out_f, in_f = w.shape
     wt, grouped, hi, lo = _clipped_groups(w, group_size, lwc_upper, lwc_lower, channel_scale, lora_a, lora_b,
-                                          lora_scaling)
+                                          lora_scaling, lwc_param)
     wq = _fake_quant_rows(grouped, hi, lo, bits, symmetric, _grouped_offset(round_offset, grouped)
                           ).reshape(out_f, in_f)
     n_q = quantized_prefix(in_f, quant_rate, group_size)
@@ -145,7 +158,8 @@ def fake_quant_act(x, bits, symmetric=False, channel_scale=None, quant_rate=1.0)
 
 
 def weight_qparams(w, bits, group_size=None, symmetric=False, lwc_upper=None, lwc_lower=None,
-                   channel_scale=None, lora_a=None, lora_b=None, lora_scaling=1.0, round_offset=None):
+                   channel_scale=None, lora_a=None, lora_b=None, lora_scaling=1.0, round_offset=None,
+                   lwc_param="sigmoid"):
     """Integer codes, scales and zero points of the fully quantized weight (no gradient).
 
     Returns ``(q, scale, zero)``: ``q`` int16 (out, in) in ``[0, 2^b - 1]`` (asymmetric) or
@@ -155,7 +169,7 @@ def weight_qparams(w, bits, group_size=None, symmetric=False, lwc_upper=None, lw
     with torch.no_grad():
         out_f, in_f = w.shape
         _, grouped, hi, lo = _clipped_groups(w, group_size, lwc_upper, lwc_lower, channel_scale, lora_a, lora_b,
-                                             lora_scaling)
+                                             lora_scaling, lwc_param)
         s, z, qmin, qmax = minmax_grid(hi, lo, bits, symmetric)
         offset = _grouped_offset(round_offset, grouped)
         t = grouped / s if offset is None else grouped / s + offset

@@ -151,16 +151,18 @@ def valid_call(kind: str, rng):
     alpha = (rng.random(COLS) + 0.5).astype(np.float32)
     a, b = _f32(RANK, COLS, rng=rng) * 0.1, _f32(ROWS, RANK, rng=rng) * 0.1
     u, l = _f32(ROWS, COLS // GROUP, rng=rng) + 2, _f32(ROWS, COLS // GROUP, rng=rng) + 2
-    with_v = kind.startswith("wq") and rng.random() < 0.5         # the optional rounding offset V (and dV)
+    # the optional trailing arguments: the rounding offset V (and dV), the LWC-factor flag
+    with_v = kind.startswith("wq") and rng.random() < 0.5
     v = (rng.random((ROWS, COLS)) - 0.5).astype(np.float32)
+    linear = bool(rng.random() < 0.5)
     if kind == "wq_forward":
         args = [w, alpha, a, b, u, l, np.empty_like(w), 3, GROUP, COLS, False, 1.0, 2]
-        return args + [v] * with_v, [0, 1, 2, 3, 4, 5] + [13] * with_v, [6], 7
+        return args + [v, linear] * with_v, [0, 1, 2, 3, 4, 5] + [13] * with_v, [6], 7
     if kind == "wq_backward":
         outs = [np.empty_like(alpha), np.empty_like(a), np.empty_like(b), np.empty_like(u), np.empty_like(l),
                 np.empty_like(w)]
         args = [w, alpha, a, b, u, l, _f32(ROWS, COLS, rng=rng), *outs, 3, GROUP, COLS, False, 1.0, 2]
-        return args + [v, np.empty_like(w)] * with_v, [0, 1, 2, 3, 4, 5] + [19] * with_v, \
+        return args + [v, np.empty_like(w), linear] * with_v, [0, 1, 2, 3, 4, 5] + [19] * with_v, \
             list(range(7, 13)) + [20] * with_v, 13
     x = _f32(ROWS, COLS, rng=rng)
     if kind == "aq_forward":
@@ -233,9 +235,7 @@ def break_call(args, inputs, outputs, bits_at, rng, pyrng):
         else:
             args[k] = args[src]
     elif how == "nargs":
-        # wq_forward's round_v is optional: without it the call is the valid short form, so it stays
-        optional_last = bits_at == 7 and len(args) == 14
-        del args[pyrng.randrange(len(args) - optional_last)]
+        del args[pyrng.randrange(len(args))]
     elif how == "none":
         k = pyrng.choice(inputs[:1] + ([outputs[0]] if bits_at - outputs[0] == 1 else []))   # a forward out
         args[k] = None

@@ -105,23 +105,23 @@ def assert_grads_match(actual, expected, what="", bf16=False):
     assert not bad.any(), f"{what}: {int(bad.sum())} of {bad.numel()} elements differ (worst {err.max():.3g})"
 
 
-def weight_oracle_grid(w, params, bits, group, symmetric):
+def weight_oracle_grid(w, params, bits, group, symmetric, lwc_param="sigmoid"):
     """The oracle's ``W_t`` grouped (rows, n_groups, g), scale, zero point and ``-lo / s``."""
     with torch.no_grad():
         _, grouped, hi, lo = reference._clipped_groups(
             w, group, params.get("lwc_upper"), params.get("lwc_lower"), params.get("channel_scale"),
-            params.get("lora_a"), params.get("lora_b"), 1.0)
+            params.get("lora_a"), params.get("lora_b"), 1.0, lwc_param)
         s, z, _, _ = reference.minmax_grid(hi, lo, bits, symmetric)
     return grouped, s, z, -lo / s
 
 
-def make_tie_free(w, params, bits, group, symmetric):
+def make_tie_free(w, params, bits, group, symmetric, lwc_param="sigmoid"):
     """Nudge the elements of ``w`` whose ``W_t / s`` is within DELTA of a tie (none of them an extreme of
     its group, so ``s`` stays); ``None`` when an extreme or a zero point is at a tie (take another seed)."""
     d = delta(bits)
     alpha = params.get("channel_scale")
     for _ in range(40):
-        grouped, s, z, zraw = weight_oracle_grid(w, params, bits, group, symmetric)
+        grouped, s, z, zraw = weight_oracle_grid(w, params, bits, group, symmetric, lwc_param)
         if not symmetric and (tie_distance(zraw) < d).any():
             return None
         t = grouped / s
@@ -160,10 +160,14 @@ def make_weight_case(rows, cols, group, extras, dtype, seed):
     return w, params, grad
 
 
-def make_tie_free_weight_case(rows, cols, group, extras, dtype, seed, bits, symmetric):
+def make_tie_free_weight_case(rows, cols, group, extras, dtype, seed, bits, symmetric, lwc_param="sigmoid"):
+    """A tie-free case; with ``lwc_param="linear"`` the clipping parameters are factors (the sigmoid of
+    the logits the sigmoid case would draw)."""
     for attempt in range(20):
         w, params, grad = make_weight_case(rows, cols, group, extras, dtype, seed + 10_007 * attempt)
-        w = make_tie_free(w, params, bits, group, symmetric)
+        if lwc_param == "linear":
+            params["lwc_upper"], params["lwc_lower"] = (torch.sigmoid(params[k]) for k in ("lwc_upper", "lwc_lower"))
+        w = make_tie_free(w, params, bits, group, symmetric, lwc_param)
         if w is not None:
             return w, params, grad
     raise AssertionError("no tie-free case in 20 seeds")
@@ -517,9 +521,9 @@ def test_gradients_do_not_depend_on_thread_count(isa):
         outs = [torch.empty_like(alpha), torch.empty_like(a), torch.empty_like(b), torch.empty_like(u),
                 torch.empty_like(l), torch.empty_like(w)]
         C.wq_backward(w, alpha, a, b, u, l, grad, *outs, 3, group, cols, False, 1.0, nt)
-        gv = torch.empty_like(w)                           # and with the rounding offset
+        gv = torch.empty_like(w)                           # and with the rounding offset, LWC factors linear
         outs_v = [torch.empty_like(t) for t in outs]
-        C.wq_backward(w, alpha, a, b, u, l, grad, *outs_v, 3, group, cols, False, 1.0, nt, v, gv)
+        C.wq_backward(w, alpha, a, b, u, l, grad, *outs_v, 3, group, cols, False, 1.0, nt, v, gv, True)
         outs += outs_v + [gv]
         gx, galpha = torch.empty_like(w), torch.empty_like(alpha)
         C.aq_backward(w, alpha, grad, gx, galpha, 4, cols, False, nt)
@@ -698,14 +702,14 @@ def test_native_bf16_matches_the_kernel_cpu_flags(c_ext):
 
 # ---- the learnable rounding offset V: codes round(W_t / s + V) (docs/algorithm.md section 11) ------------
 
-def make_round_offset(w, params, bits, group, symmetric, seed):
+def make_round_offset(w, params, bits, group, symmetric, seed, lwc_param="sigmoid"):
     """V uniform in [-0.5, 0.5] (many codes move, some onto the clamp), then nudged so that no
     ``W_t / s + V`` of the oracle lies within DELTA of a rounding tie: V is free, so it is V that moves
     (extremes included: V does not change the range)."""
     g = torch.Generator().manual_seed(seed)
     v = torch.rand(w.shape, generator=g) - 0.5
     d = delta(bits)
-    grouped, s, _, _ = weight_oracle_grid(w, params, bits, group, symmetric)
+    grouped, s, _, _ = weight_oracle_grid(w, params, bits, group, symmetric, lwc_param)
     for _ in range(10):
         t = grouped / s + v.reshape(grouped.shape)
         near = tie_distance(t) < d
@@ -834,24 +838,96 @@ def test_round_offset_binding_checks(c_ext):
     out = torch.empty_like(w)
     args = (w, None, None, None, None, None, out, 4, 64, 128, False, 1.0, 1)
     with pytest.raises(ValueError, match="'round_v' must have shape"):
-        C.wq_forward(*args, torch.zeros(4, 127))
+        C.wq_forward(*args, torch.zeros(4, 127), False)
     with pytest.raises(TypeError, match="'round_v' must be float32"):
-        C.wq_forward(*args, torch.zeros(4, 128, dtype=torch.bfloat16))
-    with pytest.raises(TypeError, match="13 or 14 positional arguments"):
-        C.wq_forward(*args, None, None)
+        C.wq_forward(*args, torch.zeros(4, 128, dtype=torch.bfloat16), False)
+    with pytest.raises(TypeError, match="13 or 15 positional arguments"):
+        C.wq_forward(*args, None)
     with pytest.raises(ValueError, match="overlaps"):
-        C.wq_forward(*args, out)
+        C.wq_forward(*args, out, False)
     nan = torch.zeros(4, 128)
     nan[0, 0] = float("nan")
     with pytest.raises(ValueError, match="rounding offset"):
-        C.wq_forward(*args, nan)
+        C.wq_forward(*args, nan, False)
     grad = torch.randn(4, 128)
     bwd = (w, None, None, None, None, None, grad, None, None, None, None, None, torch.empty_like(w), 4, 64, 128,
            False, 1.0, 1)
     with pytest.raises(ValueError, match="'grad_round_v' was requested but its input is absent"):
-        C.wq_backward(*bwd, None, torch.empty_like(w))
+        C.wq_backward(*bwd, None, torch.empty_like(w), False)
     with pytest.raises(ValueError, match="rounding offset"):
-        C.wq_backward(*bwd, nan, torch.empty_like(w))
-    with pytest.raises(TypeError, match="19 or 21 positional arguments"):
-        C.wq_backward(*bwd, None)
-    C.wq_forward(*args, None)                              # the optional argument may be None
+        C.wq_backward(*bwd, nan, torch.empty_like(w), False)
+    with pytest.raises(TypeError, match="19 or 22 positional arguments"):
+        C.wq_backward(*bwd, None, None)
+    for flag in (1, None, "linear"):
+        with pytest.raises(TypeError, match="'lwc_linear' must be a bool"):
+            C.wq_forward(*args, None, flag)
+    C.wq_forward(*args, None, True)                        # the rounding offset may be None
+
+
+# ---- LWC factors as parameters (lwc_param "linear", docs/algorithm.md section 11) --------------------------
+
+LINEAR_CASES = [  # (bits, symmetric, group, rate, extras, w dtype, out dtype, with V)
+    (3, False, 64, 1.0, (), torch.float32, torch.float32, False),
+    (2, False, None, 0.5, ("lora",), torch.float32, torch.float32, False),
+    (4, True, 32, 1.0, ("alpha",), torch.bfloat16, torch.bfloat16, False),
+    (3, True, 20, 0.5, (), torch.float32, torch.float32, True),
+    (3, False, 64, 0.5, ("lora",), torch.float32, torch.bfloat16, True),
+    (8, False, None, 1.0, ("alpha", "lora"), torch.float32, torch.float32, True),
+]
+
+
+@pytest.mark.parametrize("bits,symmetric,group,rate,extras,w_dtype,out_dtype,with_v", LINEAR_CASES)
+def test_linear_lwc_matches_reference(isa, bits, symmetric, group, rate, extras, w_dtype, out_dtype, with_v):
+    """hi = u * max, lo = l * min: values and gradients (dL/du = dL/dhi * max, no sigmoid factor) against
+    autograd on the reference, alone and with the rounding offset."""
+    cols = 203 if group is None else 5 * group
+    seed = seed_of("linear", bits, symmetric, group, rate, extras, str(w_dtype), str(out_dtype), with_v)
+    w, params, grad = make_tie_free_weight_case(13, cols, group, extras, w_dtype, seed, bits, symmetric, "linear")
+    if with_v:
+        params["round_offset"] = make_round_offset(w, params, bits, group, symmetric, seed, "linear")
+    grad = grad.to(out_dtype)
+    kw = dict(bits=bits, group_size=group, symmetric=symmetric, quant_rate=rate, lwc_param="linear")
+    out_c, gw_c, gp_c = run_weight(lambda w, **k: ops.fake_quant_weight(w, **k, out_dtype=out_dtype),
+                                   w, params, grad, **kw)
+    out_r, gw_r, gp_r = run_weight(lambda w, **k: reference.fake_quant_weight(w, **k).to(out_dtype),
+                                   w, params, grad, **kw)
+    mixed = w_dtype != out_dtype
+    assert_values_match(out_c, out_r, row_scale(w, params, out_r), what="W_hat", bf16=mixed)
+    assert_grads_match(gw_c, gw_r, what="dW", bf16=mixed)
+    for name in params:
+        assert_grads_match(gp_c[name], gp_r[name], what=f"d{name}", bf16=mixed)
+
+
+def test_linear_lwc_equals_sigmoid_of_the_logits(isa):
+    """A factor f in linear mode is the logit logit(f) in sigmoid mode: same grid, and the gradient
+    differs by exactly the sigmoid's derivative f (1 - f)."""
+    g = torch.Generator().manual_seed(21)
+    w = torch.randn(16, 256, generator=g)
+    logits = torch.randn(16, 4, generator=g) + 2
+    grad = torch.randn(16, 256, generator=g)
+    factors = torch.sigmoid(logits)
+    lin = run_weight(ops.fake_quant_weight, w, {"lwc_upper": factors, "lwc_lower": factors}, grad, bits=3,
+                     group_size=64, lwc_param="linear")
+    sig = run_weight(ops.fake_quant_weight, w, {"lwc_upper": logits, "lwc_lower": logits}, grad, bits=3,
+                     group_size=64)
+    torch.testing.assert_close(lin[0], sig[0])
+    torch.testing.assert_close(lin[2]["lwc_upper"] * factors * (1 - factors), sig[2]["lwc_upper"])
+
+
+def test_linear_lwc_hand_computed(isa):
+    # factors 0.5: hi = 0.5, lo = -0.5, s = 1/3, z = 2 (as sigmoid(0) in test_hand_computed_values)
+    w = torch.tensor([[-1.0, 0.0, 0.5, 1.0]])
+    half = torch.full((1, 1), 0.5)
+    out = ops.fake_quant_weight(w, 2, lwc_upper=half, lwc_lower=half, lwc_param="linear")
+    torch.testing.assert_close(out, torch.tensor([[-2 / 3, 0.0, 1 / 3, 1 / 3]]))
+
+
+def test_linear_lwc_bad_input(path):
+    w = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="lwc_param must be 'sigmoid' or 'linear'"):
+        ops.fake_quant_weight(w, 4, lwc_param="tanh")
+    for bad in (float("nan"), float("inf")):                  # an infinite factor is an infinite range
+        u = torch.full((4, 1), 0.9)
+        u[2, 0] = bad
+        with pytest.raises(ValueError, match="clipping logits"):
+            ops.fake_quant_weight(w, 4, lwc_upper=u, lwc_param="linear")

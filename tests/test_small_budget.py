@@ -1,6 +1,7 @@
 """The small-budget options (docs/algorithm.md section 11, design note docs/design/small-budget.md):
-the learnable rounding offset V through the layer, the engine and the resume state.  The kernels
-themselves are tested against the reference in test_kernels.py."""
+the learnable rounding offset V and the linear LWC factors with their search-based start, through the
+layer, the engine and the resume state.  The kernels themselves are tested against the reference in
+test_kernels.py."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import sliderquant
 from sliderquant import ops, reference
 from sliderquant.config import QuantConfig
 from sliderquant.layers import QuantLinear
-from sliderquant.quantizer import dequantize
+from sliderquant.quantizer import LWC_INIT, dequantize, search_clipping
 
 from conftest import fast_config
 from test_kernels import make_round_offset
@@ -75,8 +76,8 @@ def test_weight_qparams_apply_the_offset():
 
 # ---- the engine -------------------------------------------------------------------------------------------
 
-def fast(**kw):
-    return fast_config("sliderquant", 4, wbits=3, **kw)
+def fast(epochs=4, **kw):
+    return fast_config("sliderquant", epochs, wbits=3, **kw)
 
 
 def test_round_offset_trains_and_folds_on_the_grid():
@@ -117,6 +118,98 @@ def test_resume_restores_the_round_offset_bitwise(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+# ---- LWC factors as parameters, and their start from a clipping search -------------------------------------
+
+def test_linear_lwc_starts_at_one_and_is_projected():
+    ql, _ = quant_linear(lwc_param="linear")
+    assert torch.equal(ql.lwc_upper, torch.ones(24, 4)) and torch.equal(ql.lwc_lower, torch.ones(24, 4))
+    with torch.no_grad():
+        ql.lwc_upper.fill_(1.3)
+        ql.lwc_lower.fill_(0.2)
+    ql.project_()
+    assert torch.all(ql.lwc_upper == 1.0) and torch.all(ql.lwc_lower == 0.5)
+    sig, _ = quant_linear()
+    assert torch.all(sig.lwc_upper == LWC_INIT)
+    with torch.no_grad():
+        sig.lwc_upper.fill_(9.0)
+    sig.project_()                                          # logits are not bounded
+    assert torch.all(sig.lwc_upper == 9.0)
+
+
+def test_search_clipping_is_the_grid_argmin():
+    """Oracle: the reference quantizer at every factor of the grid, the per-group argmin of the error."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 128, generator=g) * 0.1
+    w[:, 5] *= 8                                            # outliers, so that clipping pays off somewhere
+    got = search_clipping(w, 3, 32, False, 1.0)
+    grid = [1.0 - 0.02 * k for k in range(21)]
+    errs = torch.stack([(reference.fake_quant_weight(w, 3, 32, lwc_upper=torch.full((8, 4), f),
+                                                     lwc_lower=torch.full((8, 4), f), lwc_param="linear") - w)
+                        .square().reshape(8, 4, 32).sum(-1) for f in grid])
+    want = torch.tensor(grid)[errs.argmin(0)]
+    torch.testing.assert_close(got, want)
+    assert got.min() < 0.9 and got.max() <= 1.0 and got.min() >= 0.6
+
+
+def test_search_start_for_both_parametrisations():
+    w = quant_linear()[0].weight
+    lin, _ = quant_linear(lwc_param="linear", lwc_init="search")
+    sig, _ = quant_linear(lwc_init="search")
+    best = search_clipping(w, 3, 64, False, 1.0)
+    assert torch.equal(lin.lwc_upper, best) and torch.equal(lin.lwc_lower, best)
+    top = torch.sigmoid(torch.tensor(LWC_INIT)).item()      # the sigmoid grid starts at today's factor 0.982
+    best_sig = search_clipping(w, 3, 64, False, top)
+    torch.testing.assert_close(torch.sigmoid(sig.lwc_upper), best_sig)
+    assert torch.all((sig.lwc_upper == LWC_INIT) == (best_sig == top))     # the start keeps its exact logit
+    assert (best_sig < top).any()
+
+
+def test_linear_finalize_codes_equal_the_last_forward():
+    ql, g = quant_linear(lwc_param="linear", lwc_init="search", round_offset=True)
+    with torch.no_grad():
+        ql.lora_b.copy_(torch.randn(24, 4, generator=g) * 0.02)
+        params = {"lwc_upper": ql.lwc_upper, "lwc_lower": ql.lwc_lower, "lora_a": ql.lora_a,
+                  "lora_b": ql.lora_b * ql.lora_scaling}
+        ql.round_offset.copy_(make_round_offset(ql.weight, params, 3, 64, False, seed=2, lwc_param="linear"))
+        forward = ops.fake_quant_weight(ql.weight, **ql._qargs())
+    ql.finalize()
+    codes = torch.round(forward.reshape(24, 4, 64) / ql.scales[..., None] + ql.zeros[..., None]).reshape(24, 256)
+    assert torch.equal(codes.to(torch.int16), ql.qweight)
+    torch.testing.assert_close(ql.weight, forward, rtol=1e-6, atol=1e-7)
+
+
+@torch.no_grad()
+def _weight_error(model, base):
+    a = dict(model.named_parameters())
+    return sum(float((a[n] - p).square().sum()) for n, p in base.named_parameters() if "layers" in n and p.dim() == 2)
+
+
+def test_clipping_search_alone_lowers_the_weight_error():
+    """Without training (epochs 0) the searched start already changes the codes and lowers the weight
+    error against the fp weights; the linear start (factor 1) differs from today's 0.982 as well."""
+    ids, base = token_ids(), tiny_model("llama")
+    runs = {k: sliderquant.quantize(tiny_model("llama"), fast(epochs=0, **kw), ids)
+            for k, kw in {"none": {}, "search": dict(lwc_init="search"), "linear": dict(lwc_param="linear"),
+                          "linear_search": dict(lwc_param="linear", lwc_init="search")}.items()}
+    err = {k: _weight_error(m, base) for k, m in runs.items()}
+    assert err["search"] < err["none"] and err["linear_search"] < err["linear"], err
+    codes = {k: m.sliderquant_state["tensors"]["model.layers.0.mlp.down_proj.qweight"] for k, m in runs.items()}
+    assert not torch.equal(codes["none"], codes["search"]) and not torch.equal(codes["none"], codes["linear"])
+
+
+def test_linear_lwc_trains_within_its_bounds(tmp_path):
+    ids = token_ids()
+    model = sliderquant.quantize(tiny_model("llama"), fast(lwc_param="linear", lwc_lr=0.01), ids,
+                                 work_dir=str(tmp_path))
+    from sliderquant.checkpoint import read_state
+    learned = read_state(str(tmp_path / "state.pt"))["learned"]
+    u = torch.cat([v["lwc_upper"].flatten() for v in learned.values()])
+    lo = torch.cat([v["lwc_lower"].flatten() for v in learned.values()])
+    assert u.min() >= 0.5 and u.max() <= 1.0 and lo.min() >= 0.5 and lo.max() <= 1.0
+    assert (u < 1.0).float().mean() > 0.5                   # the factors moved
+    assert model.sliderquant_state["config"]["lwc_param"] == "linear"
+
+
 # ---- config -----------------------------------------------------------------------------------------------
 
 def test_config_round_lr():
@@ -129,3 +222,15 @@ def test_config_round_lr():
         with pytest.raises(ValueError, match="round_lr: 0.01 only act on methods that train windows"):
             QuantConfig(method=method, round_lr=0.01)
     QuantConfig(method="omniquant", round_lr=0.01)
+
+
+def test_config_lwc_options():
+    cfg = QuantConfig()
+    assert (cfg.lwc_param, cfg.lwc_init) == ("sigmoid", "none")
+    QuantConfig(lwc_param="linear", lwc_init="search")
+    with pytest.raises(ValueError, match="lwc_param must be sigmoid or linear"):
+        QuantConfig(lwc_param="tanh")
+    with pytest.raises(ValueError, match="lwc_init must be none or search"):
+        QuantConfig(lwc_init=True)
+    with pytest.raises(ValueError, match="lwc_param: 'linear', lwc_init: 'search' only act on methods"):
+        QuantConfig(method="gptq", lwc_param="linear", lwc_init="search")

@@ -44,7 +44,8 @@ def fp32_layer_inputs(model: nn.Module, calibration: torch.Tensor):
 def wrap_layers(model: nn.Module, cfg, lwc: bool, lora_rank: int, channel_scale: bool = False,
                 round_offset: bool = False) -> list[dict[str, QuantLinear]]:
     """Swap every linear of every decoder layer for a ``QuantLinear``; one dict per layer.
-    ``round_offset``: give each a learnable rounding offset V (``QuantLinear``).
+    ``round_offset``: give each a learnable rounding offset V; with ``lwc``, the clipping parameters
+    follow ``cfg.lwc_param`` and ``cfg.lwc_init`` (``QuantLinear``).
 
     LoRA factors are drawn from a generator seeded by (seed, layer, linear), never from the
     global RNG, so a resumed run draws the same ones."""
@@ -58,7 +59,7 @@ def wrap_layers(model: nn.Module, cfg, lwc: bool, lora_rank: int, channel_scale:
             ql = QuantLinear(lin, cfg.wbits, cfg.group_size, cfg.symmetric, cfg.abits,
                              lora_rank=lora_rank, lwc=lwc, channel_scale=channel_scale,
                              lora_scaling=cfg.lora_alpha / max(lora_rank, 1), generator=gen,
-                             round_offset=round_offset)
+                             round_offset=round_offset, lwc_param=cfg.lwc_param, lwc_init=cfg.lwc_init)
             ql.to(lin.weight.device)
             models.set_submodule(layer, name, ql)
             qls[name] = ql
