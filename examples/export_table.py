@@ -157,6 +157,7 @@ READERS = {  # format -> [(reader name, loader)]; llama.cpp handled separately
     "gptq": [("transformers + optimum + gptqmodel (gptq_torch)", read_gptq)],
     "awq": [("transformers + gptqmodel (torch_awq)", read_awq)],
     "gguf": [("transformers GGUF loader (gguf-py dequant, fp32)", read_gguf_tf)],
+    "gguf-kquant": [("transformers GGUF loader (gguf-py dequant, fp32)", read_gguf_tf)],
 }
 
 
@@ -236,19 +237,23 @@ def measure(args):
         ref_logits0 = torch_logits(qmodel)(wins[0]).float()
         save(doc, args.json)
 
-        formats = ["compressed-tensors", "gptq"] + (["awq"] if bits == 4 else []) + ["gguf"]
+        # gguf: Q4_1 at every width (exact); gguf-kquant: low_bits="kquant", Q2_K / Q3_K fitted to the grid
+        formats = (["compressed-tensors", "gptq"] + (["awq"] if bits == 4 else []) + ["gguf"]
+                   + (["gguf-kquant"] if bits in (2, 3) else []))
         for fmt in formats:
+            gguf = fmt.startswith("gguf")
             out = work / f"w{bits}g{args.group_size}-{fmt}"
-            if fmt == "gguf":
-                out = work / f"w{bits}g{args.group_size}-gguf" / "model.gguf"
-            shutil.rmtree(out.parent if fmt == "gguf" else out, ignore_errors=True)
-            if fmt == "gguf":
+            if gguf:
+                out = out / "model.gguf"
+            shutil.rmtree(out.parent if gguf else out, ignore_errors=True)
+            if gguf:
                 out.parent.mkdir(parents=True)
             entry = {"format": fmt, "readers": []}
             row["exports"].append(entry)
             t0 = time.time()
             try:
-                result = sliderquant.export(qmodel, out, format=fmt, tokenizer=tok)
+                extra = {"low_bits": "kquant"} if fmt == "gguf-kquant" else {}
+                result = sliderquant.export(qmodel, out, format="gguf" if gguf else fmt, tokenizer=tok, **extra)
             except Exception as e:  # noqa: BLE001  (a refusal is a result: record it)
                 entry["export_error"] = f"{type(e).__name__}: {e}"[:2000]
                 print(f"  {fmt}: export refused: {entry['export_error'][:300]}", flush=True)
@@ -256,7 +261,7 @@ def measure(args):
                 continue
             entry["export_s"] = round(time.time() - t0, 1)
             entry["bytes"] = dir_bytes(out)
-            if fmt != "gguf":
+            if not gguf:
                 weights = sum(p.stat().st_size for p in out.glob("*.safetensors"))
                 entry["safetensors_bytes"] = weights
             else:
@@ -275,7 +280,7 @@ def measure(args):
                     r["error"] = f"{type(e).__name__}: {e}"[:2000]
                 finish_reader(r, t0, entry, doc, args.json,
                               "ppl {ppl:.4f} (fake-quant " + f"{fq:.4f}" + "), {seconds} s")
-            if fmt == "gguf" and args.llama_windows:
+            if gguf and args.llama_windows:
                 r = {"reader": "llama.cpp (cyllama 0.2.18, 2 threads)", "windows": args.llama_windows,
                      "load_before": load_avg()}
                 t0 = time.time()
@@ -361,8 +366,9 @@ def table(doc) -> str:
               "within each window), the protocol of `sliderquant.evaluate.perplexity`. The script's reader-side "
               "implementation is run on the fake-quantized model too (table above) and must match it.",
               "- Exports: `sliderquant.export(model, out, format=F, tokenizer=tok)` with default options (GGUF: "
-              "Q4_1 for the linears at every bit width here, F16 embedding, tied head; `low_bits=\"kquant\"` "
-              "not used).",
+              "Q4_1 for the linears at every bit width here, exact, F16 embedding, tied head); `gguf-kquant` rows: "
+              "the same with `low_bits=\"kquant\"` (2-bit linears as Q2_K, 3-bit as Q3_K, fitted to our grid, "
+              "not exact; linears whose input width is not a multiple of 256 stay Q4_1).",
               "- Readers: compressed-tensors via `AutoModelForCausalLM.from_pretrained(out, quantization_config="
               "CompressedTensorsConfig(dequantize=True))`; GPTQ via `GPTQConfig(bits=b, backend=\"gptq_torch\")`; "
               "AWQ via `AwqConfig(bits=4, backend=\"torch_awq\")` (gptqmodel's pure-torch kernels, as the tests "
