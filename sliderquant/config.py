@@ -83,6 +83,8 @@ class QuantConfig:
     round_lr: float = 0.0            # per-sample lr of the rounding offset V; 0 = no V
     lwc_param: str = "sigmoid"       # sigmoid: LWC logits (the paper); linear: the clipping factors, in [0.5, 1]
     lwc_init: str = "none"           # none: logit 4.0 / factor 1.0; search: per-group weight-error grid search
+    lwc_opt: str = "adamw"           # optimizer of the LWC parameters: adamw | sign (p -= lr * sign(grad))
+    round_opt: str = "adamw"         # optimizer of V: adamw | sign
 
     def __post_init__(self) -> None:
         self.validate()
@@ -146,6 +148,10 @@ class QuantConfig:
         factor = self.batch_size if self.scale_lr_by_batch else 1
         return {"lwc": self.lwc_lr * factor, "lora": self.lora_lr * factor,
                 "scale": self.scale_lr * factor, "round": self.round_lr * factor}
+
+    def optimizer_kinds(self) -> dict[str, str]:
+        """The optimizer of each parameter group: ``adamw`` or ``sign``; LoRA and channel scales use AdamW."""
+        return {"lwc": self.lwc_opt, "lora": "adamw", "scale": "adamw", "round": self.round_opt}
 
     def stage_epochs(self) -> int:
         """Epochs per stage: the total split evenly (at least one unless ``epochs`` is 0)."""
@@ -220,6 +226,12 @@ class QuantConfig:
             raise ValueError(f"lwc_param must be sigmoid or linear, got {self.lwc_param!r}")
         if self.lwc_init not in ("none", "search"):
             raise ValueError(f"lwc_init must be none or search, got {self.lwc_init!r}")
+        for name in ("lwc_opt", "round_opt"):
+            if getattr(self, name) not in ("adamw", "sign"):
+                raise ValueError(f"{name} must be adamw or sign, got {getattr(self, name)!r}")
+        if self.round_opt != "adamw" and self.round_lr == 0:
+            raise ValueError(f"round_opt: {self.round_opt} has no effect with round_lr: 0 (no rounding offset); "
+                             f"set round_lr > 0 or leave round_opt at adamw")
         changed = [f"{name}: {getattr(self, name)!r}" for name, default in _SMALL_BUDGET_DEFAULTS.items()
                    if getattr(self, name) != default]
         if changed and not METHODS[self.method].trains_windows:
@@ -228,7 +240,8 @@ class QuantConfig:
 
 
 # the small-budget options and their defaults (the paper's method)
-_SMALL_BUDGET_DEFAULTS = {"round_lr": 0.0, "lwc_param": "sigmoid", "lwc_init": "none"}
+_SMALL_BUDGET_DEFAULTS = {"round_lr": 0.0, "lwc_param": "sigmoid", "lwc_init": "none", "lwc_opt": "adamw",
+                          "round_opt": "adamw"}
 
 
 def _int(name: str, value, minimum: int, maximum: int | None = None) -> None:

@@ -1,7 +1,12 @@
 """The small-budget options (docs/algorithm.md section 11, design note docs/design/small-budget.md):
-the learnable rounding offset V and the linear LWC factors with their search-based start, through the
-layer, the engine and the resume state.  The kernels themselves are tested against the reference in
-test_kernels.py."""
+the learnable rounding offset V, the linear LWC factors with their search-based start and signed
+updates, through the layer, the engine and the resume state; and the guard that the paper presets
+run exactly as before these options existed.  The kernels themselves are tested against the reference
+in test_kernels.py."""
+
+import copy
+import hashlib
+import os
 
 import pytest
 import torch
@@ -210,6 +215,99 @@ def test_linear_lwc_trains_within_its_bounds(tmp_path):
     assert model.sliderquant_state["config"]["lwc_param"] == "linear"
 
 
+# ---- signed updates ---------------------------------------------------------------------------------------
+
+def test_sign_sgd_step():
+    from sliderquant.methods.windows import SignSGD
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    q = torch.nn.Parameter(torch.tensor([5.0]))                 # no gradient: untouched
+    opt = SignSGD([{"params": [p], "lr": 0.1}, {"params": [q], "lr": 0.5}], lr=0.1)
+    p.grad = torch.tensor([0.5, -1e-30, 0.0])
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([0.9, 2.1, 3.0]))
+    assert q.item() == 5.0
+
+
+def _learned_after(tmp_path, **kw):
+    from sliderquant.checkpoint import read_state
+    model = sliderquant.quantize(tiny_model("llama"), fast(**kw), token_ids(), work_dir=str(tmp_path))
+    return model, read_state(str(tmp_path / "state.pt"))["learned"]
+
+
+def test_signed_lwc_steps_reach_exactly_the_schedule(tmp_path):
+    """One window of T steps, linear factors from 1.0: each factor moves by at most
+    lr * sum_t (1 - t / T) (the reach), and the factors that always got the same sign move that far."""
+    lr, epochs = 0.004, 4
+    kw = dict(windows=[[0, 1, 2]], quant_rates=[1.0], epochs=epochs, lwc_param="linear", lwc_opt="sign",
+              lwc_lr=lr, batch_size=2, lora_rank=0)
+    _, learned = _learned_after(tmp_path, **kw)
+    steps = epochs * 3                                          # 6 samples, batch 2
+    reach = lr * 2 * sum(1 - t / steps for t in range(steps))    # the lr is per sample, times the batch
+    moved = torch.cat([1 - v[k].flatten() for v in learned.values() for k in ("lwc_upper", "lwc_lower")])
+    assert moved.min() >= 0 and moved.max() <= reach + 1e-6
+    assert torch.isclose(moved.max(), torch.tensor(reach), rtol=1e-5)
+
+
+def test_signed_updates_change_the_result():
+    ids = token_ids()
+    runs = {opt: sliderquant.quantize(tiny_model("llama"), fast(lwc_opt=opt, round_lr=0.01, round_opt=opt), ids)
+            for opt in ("adamw", "sign")}
+    a, b = (runs[k].sliderquant_state["tensors"]["model.layers.1.self_attn.o_proj.qweight"] for k in runs)
+    assert not torch.equal(a, b)
+
+
+# ---- the paper presets are unchanged ----------------------------------------------------------------------
+
+# Recorded before the small-budget options existed (commit 37be573 and its .so, this project's machine:
+# torch 2.13.0+cpu, AVX2 kernels, one thread, fp32): stories260K, calibration sampled from the model
+# (12 x 64, seed 1), the preset with nsamples 12, seqlen 64, epochs 4 (2 per stage).  The digest covers
+# the codes, scales and zeros and the whole state dict; the losses are those of every window.
+PRESET_RUNS = {
+    "configs/w3a16g128.yaml": (
+        "22729912efa5d96151271a988afaadbc5e655d2df2ccca04ba5aabdff066e333",
+        [0.00650637, 0.0224378, 0.0570566, 0.143579, 0.40431, 0.398822, 0.0122595, 0.0399202, 0.0978882,
+         0.245487, 0.67788, 0.66615]),
+    "configs/w2a16.yaml": (
+        "7450953a9a7dae568f9613a7550200fa82f05c3c260bd01c5ee8ced7c47a5017",
+        [0.039372, 0.135202, 0.322504, 0.797398, 1.99001, 1.97246, 0.0742783, 0.245217, 0.595199, 1.41512,
+         3.3522, 3.32417]),
+}
+
+
+def _digest(model) -> str:
+    h = hashlib.sha256()
+    for k, t in sorted(model.sliderquant_state["tensors"].items()):
+        h.update(k.encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    for n, p in sorted(model.state_dict().items()):
+        h.update(n.encode())
+        h.update(p.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("preset", list(PRESET_RUNS))
+def test_paper_presets_run_exactly_as_before(preset):
+    """The presets leave every small-budget option at its default and give the weights recorded before
+    the options existed: bit for bit on the machine of the recording, the window losses (to 1e-5) on
+    any other (another CPU or torch may sum matmuls in another order)."""
+    from conftest import require_asset
+    from sliderquant.data import load_model, sample_from_model
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = QuantConfig.from_yaml(os.path.join(root, preset)).replace(nsamples=12, seqlen=64, epochs=4,
+                                                                    autocast="fp32")
+    for name, value in {"round_lr": 0.0, "lwc_param": "sigmoid", "lwc_init": "none", "lwc_opt": "adamw",
+                        "round_opt": "adamw"}.items():
+        assert getattr(cfg, name) == value, name
+    base, _ = load_model(str(require_asset("stories260k")))
+    calib = sample_from_model(base, 12, 64, seed=1)
+    model = sliderquant.quantize(copy.deepcopy(base), cfg, calib)
+    digest, losses = PRESET_RUNS[preset]
+    got = [r["loss_after"] for r in model.sliderquant_table]
+    assert got == pytest.approx(losses, rel=1e-5)
+    if torch.__version__ == "2.13.0+cpu" and ops.backend() == "avx2":
+        assert _digest(model) == digest
+
+
 # ---- config -----------------------------------------------------------------------------------------------
 
 def test_config_round_lr():
@@ -234,3 +332,16 @@ def test_config_lwc_options():
         QuantConfig(lwc_init=True)
     with pytest.raises(ValueError, match="lwc_param: 'linear', lwc_init: 'search' only act on methods"):
         QuantConfig(method="gptq", lwc_param="linear", lwc_init="search")
+
+
+def test_config_optimizers():
+    cfg = QuantConfig()
+    assert cfg.optimizer_kinds() == {"lwc": "adamw", "lora": "adamw", "scale": "adamw", "round": "adamw"}
+    assert QuantConfig(lwc_opt="sign", round_lr=0.01, round_opt="sign").optimizer_kinds()["round"] == "sign"
+    for name in ("lwc_opt", "round_opt"):
+        with pytest.raises(ValueError, match=f"{name} must be adamw or sign"):
+            QuantConfig(**{name: "sgd"}, round_lr=0.01)
+    with pytest.raises(ValueError, match="round_opt: sign has no effect with round_lr: 0"):
+        QuantConfig(round_opt="sign")
+    with pytest.raises(ValueError, match="lwc_opt: 'sign' only act on methods"):
+        QuantConfig(method="rtn", lwc_opt="sign")

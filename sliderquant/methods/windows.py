@@ -2,8 +2,8 @@
 
 For every stage (quant ratio) and every window of the schedule: the teacher (the same layers with
 quantization switched off) maps the fp inputs ``X_fp`` to targets ``Y``; the student (fake-quantized
-layers) maps the quantized-model inputs ``X_q``; AdamW minimises their MSE over the learnable
-quantization parameters.  The inputs advance when a window's first layer moves; every stage
+layers) maps the quantized-model inputs ``X_q``; AdamW (or, per parameter group, signed steps)
+minimises their MSE over the learnable quantization parameters.  The inputs advance when a window's first layer moves; every stage
 restarts from the captured layer-0 inputs.  At the end the parameters are folded into the weights.
 The two methods differ only in their plan (``sliderquant_plan``, ``omniquant_plan``), which the
 registry in ``sliderquant.methods`` names; ``run_windows`` is their common entry point.
@@ -215,29 +215,57 @@ class WindowRun:
 
 
 # ---- one window's optimisation --------------------------------------------------------------------
+class SignSGD(torch.optim.Optimizer):
+    """Signed gradient steps, ``p -= lr * sign(grad)`` (SignRound's optimizer, docs/algorithm.md section 11):
+    every parameter moves by exactly the learning rate whatever its gradient's size, so the reach
+    of a run is ``lr * sum of the schedule``.  ``sign(0) = 0``: a parameter without gradient stays.
+    No state, no momentum, no weight decay."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(torch.sign(p.grad), alpha=-group["lr"])
+
+
 def train_window(block, qlayers, x_q, target, layer_kwargs, cfg, epochs, amp, gen) -> None:
-    """AdamW over the window's learnable parameters, learning rate decaying linearly to 0."""
-    lrs = cfg.optimizer_lrs()
+    """The window's learnable parameters, each group with its optimizer (AdamW, or ``SignSGD``), learning
+    rate decaying linearly to 0; after every step the parameters are projected into their domain."""
+    lrs, kinds = cfg.optimizer_lrs(), cfg.optimizer_kinds()
     groups: dict[str, list] = {"lwc": [], "lora": [], "scale": [], "round": []}
     qls = [q for d in qlayers for q in d.values()]
     for q in qls:
         for key, params in q.param_groups().items():
             groups[key] += params
-    param_groups = [{"params": ps, "lr": lrs[key], "weight_decay": 0.0}
-                    for key, ps in groups.items() if ps and lrs[key] > 0]
-    if not param_groups or epochs == 0:
+    by_kind: dict[str, list] = {"adamw": [], "sign": []}
+    for key, ps in groups.items():
+        if ps and lrs[key] > 0:
+            by_kind[kinds[key]].append({"params": ps, "lr": lrs[key], "weight_decay": 0.0})
+    if not (by_kind["adamw"] or by_kind["sign"]) or epochs == 0:
         return
     bs = cfg.batch_size
     total = epochs * math.ceil(x_q.shape[0] / bs)
-    opt = torch.optim.AdamW(param_groups, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / total))
+    opts = []
+    if by_kind["adamw"]:
+        opts.append(torch.optim.AdamW(by_kind["adamw"], weight_decay=0.0))
+    if by_kind["sign"]:
+        opts.append(SignSGD([{k: v for k, v in g.items() if k != "weight_decay"} for g in by_kind["sign"]],
+                            lr=by_kind["sign"][0]["lr"]))
+    scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / total)) for opt in opts]
     for loss in window_losses(block, x_q, target, layer_kwargs, bs, epochs, amp, gen):
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
         for q in qls:
             q.project_()
-        sched.step()
+        for sched in scheds:
+            sched.step()
 
 
 def window_losses(block, x, target, layer_kwargs, batch_size, epochs, amp, gen):
