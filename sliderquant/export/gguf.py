@@ -10,11 +10,17 @@ codes go in unchanged and only ``s`` and ``s * z`` are rounded to fp16:
     symmetric,  b <= 8   Q8_0   y = d * c  (c int8)    c = q, d = s
     asymmetric, 5..8     Q8_0   c = q - z              only where every c fits int8, else the fallback type
 
-2- and 3-bit grids are written as Q4_1 too (exact, 5 bits a weight); ``low_bits="kquant"`` writes
-2-bit tensors whose rows are multiples of 256 as Q2_K instead, fitted to our grid
-(``gguf_kquants``: smaller, not exact).  A tensor no block type holds (a row not a multiple of 32, a
-group that splits a block) is written dequantized as ``fallback_type`` (F16 or F32) with a warning;
-``strict=True`` refuses instead.
+2- and 3-bit grids are written as Q4_1 (or Q4_0) too: exact, 5 (4.5) bits a weight.
+``low_bits="kquant"`` writes the tensors whose rows are multiples of 256 and groups multiples of 16
+as K-quants fitted to our grid instead (``gguf_kquants``: smaller, not exact):
+
+    asymmetric 2-bit     Q2_K   y = d * sc * c - dmin * m      2.625 bits a weight
+    3-bit (either kind)  Q3_K   y = d * l * (c - 4)            3.4375 bits a weight; symmetric: no min
+
+the others stay Q4_1/Q4_0 with a warning that says why, and the summary's ``fit_error`` records each
+fitted tensor's relative RMS error against our weight.  A tensor no block type holds (a row not a
+multiple of 32, a group that splits a block) is written dequantized as ``fallback_type`` (F16 or F32)
+with a warning; ``strict=True`` refuses instead.
 
 llama.cpp's Llama graph applies rotary embeddings to interleaved pairs, Hugging Face's to the two
 halves of each head, so the rows of ``q_proj`` and ``k_proj`` are reordered within each head
@@ -61,6 +67,8 @@ FLOAT_TYPES = ("f16", "f32")
 EMBED_TYPES = ("f16", "f32", "q8_0")
 LOW_BITS = ("q4_1", "kquant")
 QK = 32   # weights per legacy block (Q4_0, Q4_1, Q8_0)
+QK_K, K_SUB = 256, 16   # weights per K-quant super-block and sub-block
+BITS_PER_WEIGHT = {"Q4_0": 4.5, "Q4_1": 5, "Q8_0": 8.5}
 
 
 class GGUFExportError(ValueError):
@@ -72,9 +80,14 @@ def export_gguf(model, out_path, tokenizer=None, *, embed_type: str = "f16", fal
                 name: str | None = None) -> dict:
     """Write ``model`` (quantized by ``sliderquant.quantize``) as one GGUF file at ``out_path``.
 
+    ``low_bits``: how 2- and 3-bit grids are written: ``"q4_1"`` exact (5 bits a weight), or
+    ``"kquant"``: Q2_K (asymmetric 2-bit) / Q3_K (3-bit) fitted to the grid wherever rows are multiples
+    of 256 and groups multiples of 16, the rest as with ``"q4_1"`` (see the module doc).
+
     Returns a summary: ``path``, ``file_size`` (bytes), ``architecture``, ``tensor_types``
     (GGUF name -> type), ``type_counts``, ``max_weight_error`` (GGUF name -> largest |difference|
     between gguf-py's dequantization of what was written and our weight; quantized linears only),
+    ``fit_error`` (GGUF name -> relative RMS of that difference, for the fitted K-quant tensors),
     ``warnings``.
     """
     import gguf
@@ -134,6 +147,7 @@ def export_gguf(model, out_path, tokenizer=None, *, embed_type: str = "f16", fal
     return {"path": out_path, "file_size": os.path.getsize(out_path), "architecture": arch,
             "tensor_types": types, "type_counts": counts,
             "max_weight_error": {t["name"]: t["error"] for t in tensors if t.get("error") is not None},
+            "fit_error": {t["name"]: t["fit_error"] for t in tensors if t.get("fit_error") is not None},
             "warnings": warnings}
 
 
@@ -195,6 +209,7 @@ def _tensors(model, state, hp, embed_type, fallback_type, low_bits, strict, warn
         out.append(_float_tensor("output.weight", model.get_output_embeddings().weight, embed_type))
     out.append(_float_tensor("output_norm.weight", models.final_norm(model).weight, "f32"))
     fallbacks: dict[str, list[str]] = {}
+    not_kquant: dict[str, list[str]] = {}
     for i, layer in enumerate(layers):
         for hf, gg in LAYER_TENSORS.items():
             name = f"blk.{i}.{gg}.weight"
@@ -218,10 +233,15 @@ def _tensors(model, state, hp, embed_type, fallback_type, low_bits, strict, warn
                     weight = permute_rows(weight, n_head)
                 t = _float_tensor(name, weight, fallback_type)
                 fallbacks.setdefault(f"{gg}: {why}", []).append(name)
+            elif t.get("not_kquant"):
+                not_kquant.setdefault(f"{t['type']} (exact, {BITS_PER_WEIGHT[t['type']]} bits a weight): "
+                                      f"{t['not_kquant']}", []).append(name)
             out.append(t)
     for why, names in fallbacks.items():
         warnings.append(f"{len(names)} tensor(s) kept {fallback_type.upper()} (dequantized codes, larger file), "
                         f"{why}; e.g. {names[0]}")
+    for why, names in not_kquant.items():
+        warnings.append(f"low_bits='kquant': {len(names)} tensor(s) written as {why}; e.g. {names[0]}")
     return out
 
 
@@ -242,6 +262,19 @@ def _dequantize(q, s, z) -> np.ndarray:
     return dequantize(q, s, z).numpy()
 
 
+def _kquant_type(wbits, symmetric, in_f, group):
+    """``("Q2_K" | "Q3_K", None)`` where ``low_bits="kquant"`` fits a K-quant, else ``(None, reason)``."""
+    if wbits == 2 and symmetric:
+        return None, "Q2_K is fitted to asymmetric 2-bit grids only"
+    if wbits not in (2, 3):
+        return None, None
+    if in_f % QK_K:
+        return None, f"rows of {in_f} are not a multiple of the {QK_K}-weight K-quant super-block"
+    if group % K_SUB:
+        return None, f"groups of {group} split the {K_SUB}-weight K-quant sub-blocks"
+    return ("Q2_K" if wbits == 2 else "Q3_K"), None
+
+
 def _quantized_tensor(name, q, s, z, cfg, low_bits, n_head):
     """``(tensor dict, None)``, or ``(None, reason)`` when no block type holds these codes."""
     import gguf
@@ -249,18 +282,19 @@ def _quantized_tensor(name, q, s, z, cfg, low_bits, n_head):
     wbits, symmetric = int(cfg["wbits"]), bool(cfg.get("symmetric", False))
     out_f, in_f = q.shape
     group = in_f // s.shape[1]
-    if in_f % QK:
+    kquant, not_kquant = _kquant_type(wbits, symmetric, in_f, group) if low_bits == "kquant" else (None, None)
+    if kquant is None and in_f % QK:
         return None, f"rows of {in_f} are not a multiple of the {QK}-weight GGUF block"
-    if group % QK:
+    if kquant is None and group % QK:
         return None, f"groups of {group} split the {QK}-weight GGUF blocks"
     qn, sn, zn = q.numpy().astype(np.int32), s.numpy().astype(np.float64), z.numpy().astype(np.float64)
     if n_head:
         qn, sn, zn = permute_rows(qn, n_head), permute_rows(sn, n_head), permute_rows(zn, n_head)
 
-    if wbits == 2 and not symmetric and low_bits == "kquant" and in_f % 256 == 0 and group % 16 == 0:
-        from .gguf_kquants import pack_q2_k
-        data = pack_q2_k(qn, sn, zn)
-        qtype = T.Q2_K
+    if kquant is not None:
+        from .gguf_kquants import pack_q2_k, pack_q3_k
+        data = (pack_q2_k if kquant == "Q2_K" else pack_q3_k)(qn, sn, zn)
+        qtype = getattr(T, kquant)
     else:
         per_block = group // QK
         d = np.repeat(sn, per_block, axis=1)                  # (out, n_blocks): one scale per 32 weights
@@ -281,9 +315,15 @@ def _quantized_tensor(name, q, s, z, cfg, low_bits, n_head):
     ours = _dequantize(q, s, z)
     if n_head:
         ours = permute_rows(ours, n_head)
-    got = gguf.quants.dequantize(data, qtype)
-    error = float(np.abs(got.astype(np.float64) - ours).max())
-    return {"name": name, "data": data, "raw_dtype": qtype, "type": qtype.name, "error": error}, None
+    diff = gguf.quants.dequantize(data, qtype).astype(np.float64) - ours
+    if not np.all(np.isfinite(diff)):
+        return None, "a scale or minimum overflows fp16"
+    t = {"name": name, "data": data, "raw_dtype": qtype, "type": qtype.name, "error": float(np.abs(diff).max())}
+    if kquant is not None:
+        t["fit_error"] = float(np.sqrt((diff ** 2).sum() / max((ours.astype(np.float64) ** 2).sum(), 1e-300)))
+    elif not_kquant:
+        t["not_kquant"] = not_kquant
+    return t, None
 
 
 def _fp16_bytes(x: np.ndarray):
@@ -314,7 +354,7 @@ def _pack_q8_0(codes: np.ndarray, d: np.ndarray):
 
 # ---- metadata ----------------------------------------------------------------------------------------
 _FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
-               "Q8_0": "MOSTLY_Q8_0", "Q2_K": "MOSTLY_Q2_K"}
+               "Q8_0": "MOSTLY_Q8_0", "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_S"}
 
 
 def _write_metadata(w, gguf, arch, hp, cfg, tensors, name):
