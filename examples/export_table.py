@@ -428,6 +428,8 @@ def main(argv=None):
         doc["versions"] = {k: (fixed.get(k.replace("_", "-"), v) if str(v).startswith("unavailable") else v)
                            for k, v in doc["versions"].items()}
     for other in args.merge:   # settings measured by another run of this script (e.g. concurrently)
+        if any(r.get("json") == str(other) for r in doc.get("merged_runs", [])):
+            continue  # already merged into this JSON by an earlier --table-only --merge
         extra = json.loads(other.read_text())
         run = {k: extra.get(k) for k in ("started", "load_start", "load_end", "total_s", "nsamples", "seqlen",
                                          "windows", "llama_windows", "calibration", "eval", "fp_ppl")}
