@@ -112,9 +112,11 @@ static inline int sq_pk_check(const sq_pk_params *p) {
 }
 
 /* threads for one call: at most one per SQ_PK_WORK_PER_THREAD column-blocks x tokens (16 rows x 1
- * column x 1 token each, about a nanosecond): waking a sleeping OpenMP thread costs tens of
- * microseconds, more than a small decode matmul (SmolLM2's 576 x 576: 21K) takes on one thread */
-#define SQ_PK_WORK_PER_THREAD (1 << 16)
+ * column x 1 token each, about a nanosecond).  A decode step's linears follow each other within
+ * microseconds, so the second thread is usually still spinning (sliderquant sets GOMP_SPINCOUNT):
+ * 8K lets SmolLM2's 576 x 576 (21K) use two threads; a decode step took 29.8 ms with the former
+ * 64K (one thread for every SmolLM2 linear) and 26.1 ms with 8K or 2K (2 threads, quiet machine) */
+#define SQ_PK_WORK_PER_THREAD (1 << 13)
 static inline int64_t sq_pk_thread_items(const sq_pk_params *p, int64_t items) {
     const int64_t work = sq_pk_row_blocks(p->rows) * p->cols * (p->tokens > 0 ? p->tokens : 1);
     const int64_t cap = work / SQ_PK_WORK_PER_THREAD > 1 ? work / SQ_PK_WORK_PER_THREAD : 1;
