@@ -76,34 +76,22 @@ SQ_INLINE void row_block512(const int bits, const int tb, const uint32_t *qrb, c
     for (int t = 0; t < tb; ++t) _mm512_storeu_ps(out + t * SQ_PK_ROWS, total[t]);
 }
 
-/* decode, one word of 16 rows into one chain: bits = 4, 8 fields of xw (scaled x); bits = 2 the
- * word's 8 column pairs looked up in tab (16 floats per pair) */
-SQ_INLINE __m512 word_decode512(const int bits, const uint32_t *wp, const float *xw, const float *tab, __m512 a) {
-    _mm_prefetch((const char *)(wp + SQ_PK_PREFETCH_ONE * SQ_PK_ROWS), _MM_HINT_T0);
-    const __m512i v = _mm512_loadu_si512(wp);
-    if (bits == 2) {
-#pragma GCC unroll 8
-        for (int n = 0; n < 8; ++n) {
-            const __m512i idx = n == 0 ? v : _mm512_srli_epi32(v, (unsigned)(4 * n));
-            a = _mm512_add_ps(a, _mm512_permutexvar_ps(idx, _mm512_loadu_ps(tab + 16 * n)));
-        }
-        return a;
-    }
-    word_fma512(v, bits, 32 / bits, xw, 0, 1, &a);
-    return a;
-}
-
-/* bits = 2, 4, 8, one token: one row block, SQ_PK_WCHAINS chains per group (word i -> chain i % 4) */
+/* bits = 4, 8, one token: one row block, SQ_PK_WCHAINS chains per group (word i -> chain i % 4);
+ * bits = 2 goes through decode2x512 below */
 SQ_INLINE void decode512(const int bits, const uint32_t *qrb, const float *smrb, int64_t G, int64_t upg,
-                         int64_t group, const float *xs, const float *tab, const float *xsum, float *out) {
+                         int64_t group, const float *xs, const float *xsum, float *out) {
     const int64_t wpg = upg * bits;
     const int cpw = 32 / bits;
     __m512 total = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; ++g) {
         const uint32_t *w = qrb + g * wpg * SQ_PK_ROWS;
-        const float *xg = xs + g * group, *tg = bits == 2 ? tab + g * group * 8 : NULL; /* 16 floats per 2 columns */
+        const float *xg = xs + g * group;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-#define WD(i, a) a = word_decode512(bits, w + (i) * SQ_PK_ROWS, xg + (i) * cpw, bits == 2 ? tg + (i) * 128 : NULL, a)
+#define WD(i, a)                                                                                                   \
+    do {                                                                                                           \
+        _mm_prefetch((const char *)(w + ((i) + SQ_PK_PREFETCH_ONE) * SQ_PK_ROWS), _MM_HINT_T0);                    \
+        word_fma512(_mm512_loadu_si512(w + (i) * SQ_PK_ROWS), bits, cpw, xg + (i) * cpw, 0, 1, &a);               \
+    } while (0)
         int64_t i = 0;
         for (; i + 4 <= wpg; i += 4) {
             WD(i, a0);
@@ -123,13 +111,12 @@ SQ_INLINE void decode512(const int bits, const uint32_t *qrb, const float *smrb,
 }
 
 typedef void (*decode_fn)(const uint32_t *, const float *, int64_t, int64_t, int64_t, const float *, const float *,
-                          const float *, float *);
+                          float *);
 #define DEF_DEC(B)                                                                                                 \
     static void dec512_##B(const uint32_t *q, const float *sm, int64_t G, int64_t upg, int64_t group,               \
-                           const float *xs, const float *tab, const float *xsum, float *out) {                      \
-        decode512(B, q, sm, G, upg, group, xs, tab, xsum, out);                                                    \
+                           const float *xs, const float *xsum, float *out) {                                        \
+        decode512(B, q, sm, G, upg, group, xs, xsum, out);                                                         \
     }
-DEF_DEC(2)
 DEF_DEC(4)
 DEF_DEC(8)
 
@@ -324,16 +311,15 @@ int sq_pk_matmul_avx512(const sq_pk_params *p, const uint32_t *qweight, const fl
         return SQ_OK;
     }
     if (fields_decode) { /* one token: row blocks, four chains per group */
-        const decode_fn dfn = p->bits == 2 ? dec512_2 : p->bits == 4 ? dec512_4 : dec512_8;
+        const decode_fn dfn = p->bits == 4 ? dec512_4 : dec512_8;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
         for (int64_t rb = 0; rb < NB; ++rb) {
             float out[SQ_PK_ROWS];
             const int64_t r0 = rb * SQ_PK_ROWS, nr = N - r0 < SQ_PK_ROWS ? N - r0 : SQ_PK_ROWS;
-            dfn(qweight + rb * NU * p->bits * SQ_PK_ROWS, scale_min + rb * G * 2 * SQ_PK_ROWS, G, upg, p->group, xs,
-                tab, xsum, out);
+            dfn(qweight + rb * NU * p->bits * SQ_PK_ROWS, scale_min + rb * G * 2 * SQ_PK_ROWS, G, upg, p->group, xs, xsum,
+                out);
             sq_pk_store_rows(y, p->y_dtype, r0, nr, out);
         }
-        free(tab);
         free(xs);
         free(xsum);
         return SQ_OK;
