@@ -23,6 +23,11 @@ typedef struct {
     const sq_kernel_table *kernels;
     sq_pk_matmul_fn pk_matmul; /* packed low-bit matmul (sq_packed.h) */
     const char *pk_name;
+    /* pk_set_exporter: objects of exactly this type are exported by calling fast_export(obj), which
+     * must return a DLPack capsule (torch.Tensor: torch._C._to_dlpack_versioned, ~0.3 us against
+     * ~2.6 us for Tensor.__dlpack__, whose Python-level checks the caller has made); owned */
+    PyObject *fast_type;
+    PyObject *fast_export;
 } module_state;
 
 /* ------------------------------------------------------------------ DLPack views */
@@ -126,11 +131,30 @@ static int check_contiguous(const view *v) {
     return 1;
 }
 
+/* obj's capsule through the fast exporter (module_state.fast_*) when fast_type/fast_export are given
+ * and obj is exactly of that type, else through obj.__dlpack__. */
+static PyObject *export_capsule(PyObject *obj, const char *name, PyObject *fast_type, PyObject *fast_export) {
+    if (!fast_export || (PyObject *)Py_TYPE(obj) != fast_type) return call_dlpack(obj, name);
+    PyObject *cap = PyObject_CallOneArg(fast_export, obj);
+    if (!cap) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        PyErr_Format(PyExc_TypeError, "argument '%s' could not be exported through DLPack: %S", name,
+                     value ? value : Py_None);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+    }
+    return cap;
+}
+
 /* Takes obj's DLPack capsule; on failure sets an exception and leaves v empty. */
-static int view_import(PyObject *obj, const char *name, int writable, view *v) {
+static int view_import_via(PyObject *obj, const char *name, int writable, view *v, PyObject *fast_type,
+                           PyObject *fast_export) {
     memset(v, 0, sizeof *v);
     v->name = name;
-    PyObject *cap = call_dlpack(obj, name);
+    PyObject *cap = export_capsule(obj, name, fast_type, fast_export);
     if (!cap) return -1;
     v->capsule = cap;
     if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
@@ -207,6 +231,10 @@ static int view_import(PyObject *obj, const char *name, int writable, view *v) {
 fail:
     view_release(v);
     return -1;
+}
+
+static int view_import(PyObject *obj, const char *name, int writable, view *v) {
+    return view_import_via(obj, name, writable, v, NULL, NULL);
 }
 
 static const char *dtype_name(SQ_DLDataType dt) {
@@ -722,31 +750,95 @@ PyDoc_STRVAR(pk_matmul_doc,
              "scale_min float32 (row_blocks, cols/group_size, 2, 16); x float32 or bfloat16 (..., cols); y float32\n"
              "or bfloat16 (..., rows).  isa None uses the active kernels, else 'ref', 'avx2' or 'avx512'.");
 
+/* rows, cols, group and bits of a packed weight: parsed from args[0..3] and checked */
+typedef struct {
+    long rows, cols, group, bits;
+} pk_shape;
+
+static int pk_parse_shape(PyObject *const *args, pk_shape *g) {
+    if (parse_int(args[0], "rows", 1, LONG_MAX, &g->rows) < 0 || parse_int(args[1], "cols", 1, LONG_MAX, &g->cols) < 0 ||
+        parse_int(args[2], "group_size", 1, LONG_MAX, &g->group) < 0 || parse_int(args[3], "bits", 2, 8, &g->bits) < 0)
+        return -1;
+    if (g->bits != 2 && g->bits != 3 && g->bits != 4 && g->bits != 8) {
+        PyErr_Format(PyExc_ValueError, "packed weights have 2, 3, 4 or 8 bits, got %ld", g->bits);
+        return -1;
+    }
+    if (g->cols % SQ_PK_UNIT) {
+        PyErr_Format(PyExc_ValueError, "packed weights need in_features (cols) to be a multiple of %d, got %ld",
+                     SQ_PK_UNIT, g->cols);
+        return -1;
+    }
+    if (g->group % SQ_PK_UNIT || g->cols % g->group) {
+        PyErr_Format(PyExc_ValueError,
+                     "group_size %ld must be a multiple of %d that divides in_features %ld (per-channel: group_size = "
+                     "in_features)",
+                     g->group, SQ_PK_UNIT, g->cols);
+        return -1;
+    }
+    return 0;
+}
+
+/* imports qweight and scale_min into s and checks them against g */
+static int pk_add_weight(view_set *s, PyObject *qweight, PyObject *scale_min, const pk_shape *g, view **q,
+                         view **sm) {
+    const int64_t nb = sq_pk_row_blocks(g->rows);
+    const int64_t shp_q[4] = {nb, g->cols / SQ_PK_UNIT, g->bits, SQ_PK_ROWS};
+    const int64_t shp_sm[4] = {nb, g->cols / g->group, 2, SQ_PK_ROWS};
+    char what_q[96], what_sm[96];
+    snprintf(what_q, sizeof what_q, "(%lld, %lld, %ld, %d)", (long long)nb, (long long)(g->cols / SQ_PK_UNIT), g->bits,
+             SQ_PK_ROWS);
+    snprintf(what_sm, sizeof what_sm, "(%lld, %lld, 2, %d)", (long long)nb, (long long)(g->cols / g->group),
+             SQ_PK_ROWS);
+    *q = views_add(s, qweight, "qweight", 0, 0);
+    if (!*q || view_require_int32(*q) < 0 || view_require_shape(*q, 4, shp_q, what_q) < 0) return -1;
+    *sm = views_add(s, scale_min, "scale_min", 0, 0);
+    if (!*sm || view_require_f32(*sm) < 0 || view_require_shape(*sm, 4, shp_sm, what_sm) < 0) return -1;
+    return 0;
+}
+
+/* imports x and y (through the module's fast exporter when fast is set) and fills p's tokens and dtypes */
+static int pk_add_xy(view_set *s, PyObject *xo, PyObject *yo, const pk_shape *g, sq_pk_params *p,
+                     const module_state *fast, view **x, view **y) {
+    PyObject *ft = fast ? fast->fast_type : NULL, *fe = fast ? fast->fast_export : NULL;
+    *x = &s->v[s->n];
+    if (view_import_via(xo, "x", 0, *x, ft, fe) < 0) return -1;
+    s->is_output[s->n++] = 0;
+    if (view_data_dtype(*x, &p->x_dtype) < 0) return -1;
+    if ((*x)->t->ndim < 1 || (*x)->t->shape[(*x)->t->ndim - 1] != g->cols) {
+        PyErr_Format(PyExc_ValueError, "argument 'x' must have last dimension in_features = %ld", g->cols);
+        return -1;
+    }
+    p->tokens = (*x)->numel / g->cols;
+    *y = &s->v[s->n];
+    if (view_import_via(yo, "y", 1, *y, ft, fe) < 0) return -1;
+    s->is_output[s->n++] = 1;
+    if (view_data_dtype(*y, &p->y_dtype) < 0) return -1;
+    int ok = (*y)->t->ndim == (*x)->t->ndim && (*y)->t->shape[(*y)->t->ndim - 1] == g->rows;
+    for (int d = 0; ok && d < (*x)->t->ndim - 1; ++d) ok = (*y)->t->shape[d] == (*x)->t->shape[d];
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError, "argument 'y' must have the shape of 'x' with last dimension out_features = %ld",
+                     g->rows);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *pk_run(sq_pk_matmul_fn fn, const sq_pk_params *p, const view *q, const view *sm, const view *x,
+                        view *y) {
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = fn(p, (const uint32_t *)q->data, (const float *)sm->data, x->data, y->data);
+    Py_END_ALLOW_THREADS
+    return run_status(status, "the packed matmul");
+}
+
 static PyObject *pk_matmul(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (check_nargs(nargs, 10, "pk_matmul") < 0) return NULL;
     view_set s = {0};
     PyObject *res = NULL;
-    long rows, cols, group, bits, nthreads;
-    if (parse_int(args[4], "rows", 1, LONG_MAX, &rows) < 0 || parse_int(args[5], "cols", 1, LONG_MAX, &cols) < 0 ||
-        parse_int(args[6], "group_size", 1, LONG_MAX, &group) < 0 || parse_int(args[7], "bits", 2, 8, &bits) < 0 ||
-        parse_int(args[8], "nthreads", 1, 4096, &nthreads) < 0)
-        return NULL;
-    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) {
-        PyErr_Format(PyExc_ValueError, "packed weights have 2, 3, 4 or 8 bits, got %ld", bits);
-        return NULL;
-    }
-    if (cols % SQ_PK_UNIT) {
-        PyErr_Format(PyExc_ValueError, "packed weights need in_features (cols) to be a multiple of %d, got %ld",
-                     SQ_PK_UNIT, cols);
-        return NULL;
-    }
-    if (group % SQ_PK_UNIT || cols % group) {
-        PyErr_Format(PyExc_ValueError,
-                     "group_size %ld must be a multiple of %d that divides in_features %ld (per-channel: group_size = "
-                     "in_features)",
-                     group, SQ_PK_UNIT, cols);
-        return NULL;
-    }
+    pk_shape g;
+    long nthreads;
+    if (pk_parse_shape(args + 4, &g) < 0 || parse_int(args[8], "nthreads", 1, 4096, &nthreads) < 0) return NULL;
     sq_pk_matmul_fn fn;
     const char *fn_name = NULL;
     if (args[9] == Py_None) {
@@ -765,47 +857,163 @@ static PyObject *pk_matmul(PyObject *module, PyObject *const *args, Py_ssize_t n
         }
     }
     sq_pk_params p = {0};
-    p.rows = rows;
-    p.cols = cols;
-    p.group = group;
-    p.bits = (int)bits;
+    p.rows = g.rows;
+    p.cols = g.cols;
+    p.group = g.group;
+    p.bits = (int)g.bits;
     p.nthreads = (int)nthreads;
-    const int64_t nb = sq_pk_row_blocks(rows);
-    const int64_t shp_q[4] = {nb, cols / SQ_PK_UNIT, bits, SQ_PK_ROWS};
-    const int64_t shp_sm[4] = {nb, cols / group, 2, SQ_PK_ROWS};
-    char what_q[96], what_sm[96];
-    snprintf(what_q, sizeof what_q, "(%lld, %lld, %ld, %d)", (long long)nb, (long long)(cols / SQ_PK_UNIT), bits,
-             SQ_PK_ROWS);
-    snprintf(what_sm, sizeof what_sm, "(%lld, %lld, 2, %d)", (long long)nb, (long long)(cols / group), SQ_PK_ROWS);
-    view *q = views_add(&s, args[0], "qweight", 0, 0);
-    if (!q || view_require_int32(q) < 0 || view_require_shape(q, 4, shp_q, what_q) < 0) goto done;
-    view *sm = views_add(&s, args[1], "scale_min", 0, 0);
-    if (!sm || view_require_f32(sm) < 0 || view_require_shape(sm, 4, shp_sm, what_sm) < 0) goto done;
-    view *x = views_add(&s, args[2], "x", 0, 0);
-    if (!x || view_data_dtype(x, &p.x_dtype) < 0) goto done;
-    if (x->t->ndim < 1 || x->t->shape[x->t->ndim - 1] != cols) {
-        PyErr_Format(PyExc_ValueError, "argument 'x' must have last dimension in_features = %ld", cols);
-        goto done;
-    }
-    p.tokens = x->numel / cols;
-    view *y = views_add(&s, args[3], "y", 0, 1);
-    if (!y || view_data_dtype(y, &p.y_dtype) < 0) goto done;
-    int ok = y->t->ndim == x->t->ndim && y->t->shape[y->t->ndim - 1] == rows;
-    for (int d = 0; ok && d < x->t->ndim - 1; ++d) ok = y->t->shape[d] == x->t->shape[d];
-    if (!ok) {
-        PyErr_Format(PyExc_ValueError, "argument 'y' must have the shape of 'x' with last dimension out_features = %ld",
-                     rows);
-        goto done;
-    }
+    view *q, *sm, *x, *y;
+    if (pk_add_weight(&s, args[0], args[1], &g, &q, &sm) < 0) goto done;
+    if (pk_add_xy(&s, args[2], args[3], &g, &p, NULL, &x, &y) < 0) goto done;
     if (views_check_aliasing(&s) < 0) goto done;
-    int status;
-    Py_BEGIN_ALLOW_THREADS
-    status = fn(&p, (const uint32_t *)q->data, (const float *)sm->data, x->data, y->data);
-    Py_END_ALLOW_THREADS
-    res = run_status(status, "the packed matmul");
+    res = pk_run(fn, &p, q, sm, x, y);
 done:
     views_release(&s);
     return res;
+}
+
+/* ------------------------------------------------------------------ packed weight handles */
+
+/* A packed weight imported once: its two DLPack views (whose capsules keep the storage alive),
+ * checked against rows/cols/group/bits at creation, so that a decode step's calls only import x and y. */
+typedef struct {
+    PyObject_HEAD
+    view_set s; /* v[0] qweight, v[1] scale_min */
+    pk_shape g;
+    PyObject *weakreflist;
+} PackedWeight;
+
+static void packed_weight_dealloc(PackedWeight *self) {
+    if (self->weakreflist) PyObject_ClearWeakRefs((PyObject *)self);
+    views_release(&self->s);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *packed_weight_repr(PackedWeight *self) {
+    return PyUnicode_FromFormat("<sliderquant._C.PackedWeight rows=%ld cols=%ld group_size=%ld bits=%ld>", self->g.rows,
+                                self->g.cols, self->g.group, self->g.bits);
+}
+
+static PyObject *packed_weight_get(PackedWeight *self, void *which) {
+    switch ((int)(intptr_t)which) {
+    case 0: return PyLong_FromLong(self->g.rows);
+    case 1: return PyLong_FromLong(self->g.cols);
+    case 2: return PyLong_FromLong(self->g.group);
+    case 3: return PyLong_FromLong(self->g.bits);
+    case 4: return PyLong_FromVoidPtr(self->s.v[0].data);
+    default: return PyLong_FromVoidPtr(self->s.v[1].data);
+    }
+}
+
+static PyGetSetDef packed_weight_getset[] = {
+    {"rows", (getter)packed_weight_get, NULL, "output features", (void *)0},
+    {"cols", (getter)packed_weight_get, NULL, "input features", (void *)1},
+    {"group_size", (getter)packed_weight_get, NULL, "columns per group", (void *)2},
+    {"bits", (getter)packed_weight_get, NULL, "bits per code (container width)", (void *)3},
+    {"qweight_ptr", (getter)packed_weight_get, NULL, "address of the codes it reads", (void *)4},
+    {"scale_min_ptr", (getter)packed_weight_get, NULL, "address of the scales and mins it reads", (void *)5},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject PackedWeightType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sliderquant._C.PackedWeight",
+    .tp_doc = "A packed weight imported once through DLPack (made by pk_weight, used by pk_linear).",
+    .tp_basicsize = sizeof(PackedWeight),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)packed_weight_dealloc,
+    .tp_repr = (reprfunc)packed_weight_repr,
+    .tp_getset = packed_weight_getset,
+    .tp_weaklistoffset = offsetof(PackedWeight, weakreflist),
+};
+
+PyDoc_STRVAR(pk_weight_doc,
+             "pk_weight(qweight, scale_min, rows, cols, group_size, bits)\n--\n\n"
+             "Imports a packed weight (layout as in pk_matmul) once and returns a PackedWeight for pk_linear.\n"
+             "It holds the tensors' DLPack exports, so their storage lives as long as the handle; writes into\n"
+             "the same storage (copy_) are seen, a tensor replaced by another one is not.");
+
+static PyObject *pk_weight(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 6, "pk_weight") < 0) return NULL;
+    pk_shape g;
+    if (pk_parse_shape(args + 2, &g) < 0) return NULL;
+    PackedWeight *self = PyObject_New(PackedWeight, &PackedWeightType);
+    if (!self) return NULL;
+    memset(&self->s, 0, sizeof self->s);
+    self->g = g;
+    self->weakreflist = NULL;
+    view *q, *sm;
+    if (pk_add_weight(&self->s, args[0], args[1], &g, &q, &sm) < 0 || views_check_aliasing(&self->s) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+PyDoc_STRVAR(pk_linear_doc,
+             "pk_linear(weight, x, y, nthreads)\n--\n\n"
+             "y = x W^T for a PackedWeight, with the active kernels; x float32 or bfloat16 (..., cols), y float32 or\n"
+             "bfloat16 (..., rows).  x and y go through the exporter set by pk_set_exporter when they are of its type.");
+
+static PyObject *pk_linear(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 4, "pk_linear") < 0) return NULL;
+    if (!PyObject_TypeCheck(args[0], &PackedWeightType)) {
+        PyErr_Format(PyExc_TypeError, "argument 'weight' must be a sliderquant._C.PackedWeight (from pk_weight), got %s",
+                     Py_TYPE(args[0])->tp_name);
+        return NULL;
+    }
+    const PackedWeight *w = (const PackedWeight *)args[0];
+    long nthreads;
+    if (parse_int(args[3], "nthreads", 1, 4096, &nthreads) < 0) return NULL;
+    module_state *st = get_state(module);
+    sq_pk_params p = {0};
+    p.rows = w->g.rows;
+    p.cols = w->g.cols;
+    p.group = w->g.group;
+    p.bits = (int)w->g.bits;
+    p.nthreads = (int)nthreads;
+    view_set s = {0};
+    PyObject *res = NULL;
+    view *x, *y;
+    if (pk_add_xy(&s, args[1], args[2], &w->g, &p, st, &x, &y) < 0) goto done;
+    if (views_check_aliasing(&s) < 0) goto done;
+    for (int k = 0; k < 2; ++k) { /* y must not overlap the weight either */
+        const view *v = &w->s.v[k];
+        if (y->nbytes && y->data < v->data + v->nbytes && v->data < y->data + y->nbytes) {
+            PyErr_Format(PyExc_ValueError, "output 'y' overlaps the weight's '%s' in memory; outputs must be fresh tensors",
+                         v->name);
+            goto done;
+        }
+    }
+    res = pk_run(st->pk_matmul, &p, &w->s.v[0], &w->s.v[1], x, y);
+done:
+    views_release(&s);
+    return res;
+}
+
+PyDoc_STRVAR(pk_set_exporter_doc,
+             "pk_set_exporter(type, export)\n--\n\n"
+             "pk_linear exports its x and y arguments of exactly this type by export(obj), which must return a\n"
+             "DLPack capsule, instead of obj.__dlpack__(); (None, None) goes back to __dlpack__.  For torch:\n"
+             "(torch.Tensor, torch._C._to_dlpack_versioned); the caller then makes __dlpack__'s checks itself.");
+
+static PyObject *pk_set_exporter(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 2, "pk_set_exporter") < 0) return NULL;
+    module_state *st = get_state(module);
+    if (args[0] == Py_None && args[1] == Py_None) {
+        Py_CLEAR(st->fast_type);
+        Py_CLEAR(st->fast_export);
+        Py_RETURN_NONE;
+    }
+    if (!PyType_Check(args[0]) || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "pk_set_exporter(type, export) takes a type and a callable, or None, None");
+        return NULL;
+    }
+    Py_INCREF(args[0]);
+    Py_INCREF(args[1]);
+    Py_XSETREF(st->fast_type, args[0]);
+    Py_XSETREF(st->fast_export, args[1]);
+    Py_RETURN_NONE;
 }
 
 static PyObject *packed_backend(PyObject *module, PyObject *unused) {
@@ -875,6 +1083,9 @@ static PyMethodDef module_methods[] = {
     {"native_bf16", native_bf16, METH_NOARGS,
      "native_bf16()\n--\n\nWhether this CPU multiplies bfloat16 natively (AMX-BF16 or AVX512-BF16)."},
     {"pk_matmul", (PyCFunction)(void (*)(void))pk_matmul, METH_FASTCALL, pk_matmul_doc},
+    {"pk_weight", (PyCFunction)(void (*)(void))pk_weight, METH_FASTCALL, pk_weight_doc},
+    {"pk_linear", (PyCFunction)(void (*)(void))pk_linear, METH_FASTCALL, pk_linear_doc},
+    {"pk_set_exporter", (PyCFunction)(void (*)(void))pk_set_exporter, METH_FASTCALL, pk_set_exporter_doc},
     {"packed_backend", packed_backend, METH_NOARGS,
      "packed_backend()\n--\n\nName of the active packed matmul kernels: 'avx512', 'avx2' or 'ref'."},
     {NULL, NULL, 0, NULL},
@@ -894,6 +1105,8 @@ static int module_exec(PyObject *module) {
         if (!r) return -1;
         Py_DECREF(r);
     }
+    if (PyType_Ready(&PackedWeightType) < 0) return -1;
+    if (PyModule_AddObjectRef(module, "PackedWeight", (PyObject *)&PackedWeightType) < 0) return -1;
     if (PyModule_AddIntConstant(module, "DLPACK_MAJOR", SQ_DLPACK_MAJOR) < 0) return -1;
     if (PyModule_AddIntConstant(module, "MAX_RANK", SQ_MAX_RANK) < 0) return -1;
     return 0;
@@ -904,6 +1117,22 @@ static PyModuleDef_Slot module_slots[] = {
     {0, NULL},
 };
 
+static int module_traverse(PyObject *module, visitproc visit, void *arg) {
+    module_state *st = get_state(module);
+    Py_VISIT(st->fast_type);
+    Py_VISIT(st->fast_export);
+    return 0;
+}
+
+static int module_clear(PyObject *module) {
+    module_state *st = get_state(module);
+    Py_CLEAR(st->fast_type);
+    Py_CLEAR(st->fast_export);
+    return 0;
+}
+
+static void module_free(void *module) { module_clear((PyObject *)module); }
+
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "sliderquant._C",
@@ -911,6 +1140,9 @@ static struct PyModuleDef module_def = {
     .m_size = sizeof(module_state),
     .m_methods = module_methods,
     .m_slots = module_slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
 };
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModuleDef_Init(&module_def); }

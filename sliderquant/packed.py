@@ -46,6 +46,15 @@ try:
 except ImportError:  # reported by sliderquant.ops; PackedLinear then runs its torch reference
     _C = None
 
+# PackedLinear hands its x and y to C through torch's own DLPack exporter (~0.3 us) instead of
+# Tensor.__dlpack__ (~2.6 us of Python-level checks: gradient, conjugate bit, stream), which would
+# be a third of a small decode linear's time; forward makes the checks that matter itself (x is a
+# plain CPU float tensor, detached from autograd).  Without that function C calls __dlpack__.
+_FAST_EXPORT = getattr(torch._C, "_to_dlpack_versioned", None)
+if _C is not None and _FAST_EXPORT is not None and hasattr(_C, "pk_set_exporter"):
+    _C.pk_set_exporter(torch.Tensor, _FAST_EXPORT)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
 
 def container_bits(bits: int) -> int:
     """The packed width that holds ``bits``-bit codes: 2, 3, 4 or 8."""
@@ -138,14 +147,36 @@ def matmul(qweight: Tensor, scale_min: Tensor, x: Tensor, rows: int, group_size:
     return y
 
 
-def reference_matmul(qweight: Tensor, scale_min: Tensor, x: Tensor, rows: int, group_size: int,
-                     bits: int) -> Tensor:
-    """The same product in plain torch (dequantize, then matmul in fp32): for non-CPU tensors."""
+def dequantize(qweight: Tensor, scale_min: Tensor, rows: int, group_size: int, bits: int) -> Tensor:
+    """The packed weight as fp32 (rows, cols) on the CPU: ``q * scale + min`` per group."""
     q = unpack_codes(qweight.cpu(), rows, bits).to(torch.float32)
     sm = scale_min.cpu().permute(0, 3, 1, 2).reshape(-1, scale_min.shape[1], 2)[:rows]
     cols = q.shape[1]
-    w = (q.reshape(rows, -1, group_size) * sm[..., :1] + sm[..., 1:]).reshape(rows, cols)
+    return (q.reshape(rows, -1, group_size) * sm[..., :1] + sm[..., 1:]).reshape(rows, cols)
+
+
+def reference_matmul(qweight: Tensor, scale_min: Tensor, x: Tensor, rows: int, group_size: int,
+                     bits: int) -> Tensor:
+    """The same product in plain torch (dequantize, then matmul in fp32): for non-CPU tensors."""
+    w = dequantize(qweight, scale_min, rows, group_size, bits)
     return (x.float() @ w.to(x.device).T).to(x.dtype)
+
+
+class _PackedLinearGrad(torch.autograd.Function):
+    """PackedLinear's product when x needs a gradient: the kernel forward, and
+    ``grad_x = grad_y @ W`` with W dequantized (the packed weight itself is frozen: no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, module: "PackedLinear") -> Tensor:
+        ctx.module = module
+        with torch.no_grad():
+            return module._product(x)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        m = ctx.module
+        w = dequantize(m.qweight, m.scale_min, m.out_features, m.group_size, m.bits).to(grad_y.device)
+        return (grad_y.float() @ w).to(grad_y.dtype), None
 
 
 class PackedLinear(nn.Module):
@@ -160,6 +191,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(nb, in_features // UNIT, self.bits, ROWS, dtype=torch.int32))
         self.register_buffer("scale_min", torch.zeros(nb, in_features // group_size, 2, ROWS))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._handle = None  # (qweight, scale_min, their data_ptr()s, _C.PackedWeight): see _weight_handle
 
     @classmethod
     def from_codes(cls, q: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool = False,
@@ -186,15 +218,45 @@ class PackedLinear(nn.Module):
             self.scale_min = keep.to(self.scale_min.device)
         return self
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handle"] = None         # a C handle: made again on the next call (deepcopy, pickle)
+        return state
+
+    def _weight_handle(self):
+        """The codes and scales imported into C once (``_C.pk_weight``), or None when they are not on
+        the CPU.  Made again whenever a buffer was replaced (``.to()``, assignment, ``_buffers[...] =``)
+        or its storage changed (``.data =``, ``set_``); writes into the same storage (``copy_``,
+        ``load_state_dict``) are seen as they are."""
+        b = self._buffers
+        q, sm = b["qweight"], b["scale_min"]
+        h = self._handle
+        if h is None or h[0] is not q or h[1] is not sm or h[2] != q.data_ptr() or h[3] != sm.data_ptr():
+            handle = None
+            if q.is_cpu and sm.is_cpu:
+                handle = _C.pk_weight(q, sm, self.out_features, self.in_features, self.group_size, self.bits)
+            h = self._handle = (q, sm, q.data_ptr(), sm.data_ptr(), handle)
+        return h[4]
+
+    def _product(self, x: Tensor) -> Tensor:
+        """x @ W.T without the bias, for a detached x."""
+        handle = self._weight_handle() if x.is_cpu and _C is not None else None
+        if handle is None:
+            return reference_matmul(self.qweight, self.scale_min, x, self.out_features, self.group_size, self.bits)
+        xk = x if x.dtype in _KERNEL_DTYPES else x.float()   # float16 and others: through fp32
+        if not xk.is_contiguous():
+            xk = xk.contiguous()
+        y = xk.new_empty(xk.shape[:-1] + (self.out_features,))
+        _C.pk_linear(handle, xk, y, torch.get_num_threads())
+        return y if xk is x else y.to(x.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or _C is None:
-            y = reference_matmul(self.qweight, self.scale_min, x, self.out_features, self.group_size, self.bits)
-        elif x.dtype in (torch.float32, torch.bfloat16):
-            y = matmul(self.qweight, self.scale_min, x.contiguous(), self.out_features, self.group_size, self.bits)
-        else:  # float16 and others: through fp32
-            y = matmul(self.qweight, self.scale_min, x.float().contiguous(), self.out_features, self.group_size,
-                       self.bits).to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        if x.requires_grad and torch.is_grad_enabled():
+            y = _PackedLinearGrad.apply(x, self)
+        else:
+            y = self._product(x)
+        bias = self._buffers["bias"]
+        return y if bias is None else y + bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

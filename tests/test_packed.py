@@ -261,6 +261,152 @@ def test_python_layer_refuses_unpackable_shapes():
 
 
 # ---- a packed SmolLM2 ------------------------------------------------------------------------------
+# ---- weight handles (pk_weight / pk_linear): what PackedLinear calls -----------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_pk_linear_equals_pk_matmul_bit_for_bit(bits, tokens):
+    """The handle path runs the same kernels on the same memory: identical to pk_matmul, with x and y
+    exported by torch's own exporter (torch tensors) or by __dlpack__ (numpy arrays)."""
+    import numpy as np
+    for rows, cols, group in SHAPES:
+        q, s, z, x = _case(bits, rows, cols, group, tokens, torch.float32, seed=rows + bits)
+        qw, sm = packed.pack_codes(q, bits), packed.pack_scales(s, z)
+        h = C.pk_weight(qw, sm, rows, cols, group, bits)
+        assert (h.rows, h.cols, h.group_size, h.bits) == (rows, cols, group, bits)
+        assert h.qweight_ptr == qw.data_ptr() and h.scale_min_ptr == sm.data_ptr()
+        for xdtype in (torch.float32, torch.bfloat16):
+            xx = x.to(xdtype)
+            want = packed.matmul(qw, sm, xx, rows, group, bits)
+            y = torch.empty_like(want)
+            C.pk_linear(h, xx, y, 2)
+            assert torch.equal(y, want)
+        y_np = np.empty((tokens, rows), np.float32)
+        C.pk_linear(h, x.numpy(), y_np, 1)
+        assert torch.equal(torch.from_numpy(y_np), packed.matmul(qw, sm, x, rows, group, bits))
+
+
+def test_pk_linear_through_dlpack_when_no_exporter_is_set():
+    q, s, z, x = _case(4, 20, 64, 32, 2, torch.float32)
+    qw, sm = packed.pack_codes(q, 4), packed.pack_scales(s, z)
+    h = C.pk_weight(qw, sm, 20, 64, 32, 4)
+    fast = torch.empty(2, 20)
+    C.pk_linear(h, x, fast, 1)
+    C.pk_set_exporter(None, None)
+    try:
+        slow = torch.empty(2, 20)
+        C.pk_linear(h, x, slow, 1)
+        # __dlpack__ refuses a tensor that requires grad; the fast exporter is only used by forward's
+        # own checked path, so this shows which one ran
+        with pytest.raises(TypeError, match="require gradient"):
+            C.pk_linear(h, x.clone().requires_grad_(), slow, 1)
+    finally:
+        C.pk_set_exporter(torch.Tensor, packed._FAST_EXPORT)
+    assert torch.equal(fast, slow)
+    with pytest.raises(TypeError, match="a type and a callable"):
+        C.pk_set_exporter(torch.Tensor, 3)
+
+
+def test_pk_weight_and_pk_linear_refuse_bad_input():
+    q, sm, x, y = _good()
+    with pytest.raises(TypeError, match="'qweight' must be int32"):
+        C.pk_weight(q.long(), sm, 20, 64, 32, 4)
+    with pytest.raises(ValueError, match="'scale_min' must have shape"):
+        C.pk_weight(q, sm[:, :1].contiguous(), 20, 64, 32, 4)
+    with pytest.raises(ValueError, match="2, 3, 4 or 8 bits"):
+        C.pk_weight(q, sm, 20, 64, 32, 5)
+    with pytest.raises(ValueError, match="multiple of 32 that divides"):
+        C.pk_weight(q, sm, 20, 64, 48, 4)
+    with pytest.raises(TypeError, match="DLPack"):
+        C.pk_weight([1], sm, 20, 64, 32, 4)
+    h = C.pk_weight(q, sm, 20, 64, 32, 4)
+    with pytest.raises(TypeError, match="PackedWeight"):
+        C.pk_linear(q, x, y, 1)
+    with pytest.raises(ValueError, match="last dimension in_features = 64"):
+        C.pk_linear(h, torch.zeros(2, 96), y, 1)
+    with pytest.raises(ValueError, match="out_features = 20"):
+        C.pk_linear(h, x, torch.empty(2, 21), 1)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        C.pk_linear(h, x.double(), y, 1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        C.pk_linear(h, torch.zeros(64, 2).T, y, 1)
+    with pytest.raises(ValueError, match="'nthreads' must lie in"):
+        C.pk_linear(h, x, y, 0)
+    with pytest.raises(ValueError, match="overlaps the weight's 'scale_min'"):
+        C.pk_linear(h, x, sm.view(-1)[:40].view(2, 20), 1)
+    buf = torch.zeros(2 * 64 + 2 * 20)
+    with pytest.raises(ValueError, match="overlaps"):
+        C.pk_linear(h, buf[:128].view(2, 64), buf[100:140].view(2, 20), 1)
+    with pytest.raises(TypeError, match="takes 4 positional"):
+        C.pk_linear(h, x, y)
+    with pytest.raises(TypeError):
+        C.PackedWeight()                          # only pk_weight makes one
+
+
+def test_packed_linear_follows_its_buffers():
+    """The module's C handle is made once and again whenever the weight changes in any way a user can
+    change it: in-place copy_, a replaced buffer, .data =, ._buffers[...] = (accelerate does that),
+    .to(); deepcopy and pickle drop it.  Each output is checked against the fp64 oracle of the codes
+    it should be using."""
+    import pickle
+    q, s, z, x = _case(4, 20, 64, 32, 2, torch.float32, seed=3)
+    q2, s2, z2, _ = _case(4, 20, 64, 32, 2, torch.float32, seed=4)
+    lin = packed.PackedLinear.from_codes(q, s, z, 4)
+    other = packed.PackedLinear.from_codes(q2, s2, z2, 4)
+
+    def check(m, codes):
+        oracle, bound = _oracle_and_bound(*codes, x)
+        with torch.no_grad():
+            y = m(x).double()
+        assert bool(((y - oracle).abs() <= bound).all())
+        return y
+
+    first, second = (q, s, z), (q2, s2, z2)
+    check(lin, first)
+    h = lin._handle[4]
+    check(lin, first)
+    assert lin._handle[4] is h                                    # reused while nothing changed
+    lin.qweight.copy_(other.qweight)
+    lin.scale_min.copy_(other.scale_min)
+    check(lin, second)                                            # same storage: same handle, new codes
+    assert lin._handle[4] is h
+    lin.qweight = packed.pack_codes(q.to(torch.int64), 4)         # replaced buffer (scales still `second`)
+    lin.scale_min = packed.pack_scales(s, z)
+    check(lin, first)
+    lin.qweight.data = other.qweight.clone()
+    lin.scale_min.data = other.scale_min.clone()
+    check(lin, second)
+    lin._buffers["qweight"] = packed.pack_codes(q.to(torch.int64), 4)
+    lin._buffers["scale_min"] = packed.pack_scales(s, z)
+    check(lin, first)
+    lin.to(torch.bfloat16)                                        # buffers stay int32 / fp32
+    check(lin, first)
+    for clone in (copy.deepcopy(lin), pickle.loads(pickle.dumps(lin))):
+        assert clone._handle is None
+        check(clone, first)
+
+
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_gradient_flows_to_x(xdtype):
+    """Outside no_grad a packed model is differentiable in its input (the packed weight is frozen):
+    grad_x = grad_y @ W, checked against autograd through the fp64 dequantized weight."""
+    q, s, z, x = _case(4, 21, 96, 32, 3, torch.float64, seed=5)
+    lin = packed.PackedLinear.from_codes(q, s, z, 4, bias=torch.arange(21.0))
+    w = ((q.double().reshape(21, -1, 32) - z.double().unsqueeze(-1)) * s.double().unsqueeze(-1)).reshape(21, 96)
+    xg = x.to(xdtype).requires_grad_()
+    y = lin(xg)
+    assert y.requires_grad and y.dtype == xdtype
+    g = torch.randn(3, 21, generator=torch.Generator().manual_seed(6)).to(xdtype)
+    y.backward(g)
+    want = g.double() @ w
+    tol = 1e-5 if xdtype == torch.float32 else 2e-2
+    assert torch.allclose(xg.grad.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+    with torch.no_grad():
+        assert not lin(xg).requires_grad
+    oracle, bound = _oracle_and_bound(q, s, z, x.to(xdtype))
+    if xdtype == torch.float32:
+        assert bool(((y.detach().double() - torch.arange(21.0).double() - oracle).abs() <= bound + 1e-5).all())
+
+
 @pytest.fixture(scope="module")
 def smollm2_w4():
     import sliderquant
