@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "sq_dense.h"
 #include "sq_dlpack.h"
 #include "sq_kernels.h"
 #include "sq_packed.h"
@@ -23,6 +24,8 @@ typedef struct {
     const sq_kernel_table *kernels;
     sq_pk_matmul_fn pk_matmul; /* packed low-bit matmul (sq_packed.h) */
     const char *pk_name;
+    sq_dn_matmul_fn dn_matmul; /* dense bf16 matmul (sq_dense.h) */
+    const char *dn_name;
     /* pk_set_exporter: objects of exactly this type are exported by calling fast_export(obj), which
      * must return a DLPack capsule (torch.Tensor: torch._C._to_dlpack_versioned, ~0.3 us against
      * ~2.6 us for Tensor.__dlpack__, whose Python-level checks the caller has made); owned */
@@ -1016,6 +1019,62 @@ static PyObject *pk_set_exporter(PyObject *module, PyObject *const *args, Py_ssi
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------ dense bf16 matmul */
+
+PyDoc_STRVAR(dn_linear_doc,
+             "dn_linear(w, x, y, nthreads, isa)\n--\n\n"
+             "y = x W^T for a dense bfloat16 W (rows, cols), C-contiguous (csrc/sq_dense.h); x float32 or bfloat16\n"
+             "(..., cols), y float32 or bfloat16 (..., rows).  x and y go through the exporter of pk_set_exporter\n"
+             "when they are of its type.  isa None uses the active kernels, else 'ref', 'avx2' or 'avx512'.");
+
+static PyObject *dn_linear(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 5, "dn_linear") < 0) return NULL;
+    long nthreads;
+    if (parse_int(args[3], "nthreads", 1, 4096, &nthreads) < 0) return NULL;
+    module_state *st = get_state(module);
+    sq_dn_matmul_fn fn = st->dn_matmul;
+    if (args[4] != Py_None) {
+        const char *isa = PyUnicode_Check(args[4]) ? PyUnicode_AsUTF8(args[4]) : NULL;
+        if (!isa) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "argument 'isa' must be None or a str");
+            return NULL;
+        }
+        fn = strcmp(isa, "auto") == 0 ? NULL : sq_dn_kernel(isa, NULL);
+        if (!fn) {
+            PyErr_Format(PyExc_ValueError, "dense kernels '%s' are not available here (expected 'ref', 'avx2' or "
+                         "'avx512' that this CPU supports)", isa);
+            return NULL;
+        }
+    }
+    view_set s = {0};
+    PyObject *res = NULL;
+    view *w = views_add(&s, args[0], "w", 0, 0);
+    if (!w) goto done;
+    if (w->t->dtype.code != SQ_kDLBfloat || w->t->dtype.bits != 16) {
+        PyErr_Format(PyExc_TypeError, "argument 'w' must be bfloat16, got %s", dtype_name(w->t->dtype));
+        goto done;
+    }
+    if (w->t->ndim != 2 || w->t->shape[1] < 1) {
+        PyErr_SetString(PyExc_ValueError, "argument 'w' must be 2-D (out_features, in_features) with in_features >= 1");
+        goto done;
+    }
+    pk_shape g = {.rows = (long)w->t->shape[0], .cols = (long)w->t->shape[1]};
+    sq_pk_params pp = {0};
+    view *x, *y;
+    if (pk_add_xy(&s, args[1], args[2], &g, &pp, st, &x, &y) < 0) goto done;
+    if (views_check_aliasing(&s) < 0) goto done;
+    sq_dn_params p = {.tokens = pp.tokens, .rows = g.rows, .cols = g.cols, .nthreads = (int)nthreads,
+                      .x_dtype = pp.x_dtype, .y_dtype = pp.y_dtype};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = fn(&p, (const uint16_t *)w->data, x->data, y->data);
+    Py_END_ALLOW_THREADS
+    res = run_status(status, "the dense matmul");
+done:
+    views_release(&s);
+    return res;
+}
+
 static PyObject *packed_backend(PyObject *module, PyObject *unused) {
     return PyUnicode_FromString(get_state(module)->pk_name);
 }
@@ -1057,6 +1116,7 @@ static PyObject *set_backend(PyObject *module, PyObject *name_obj) {
     module_state *st = get_state(module);
     st->kernels = t;
     st->pk_matmul = sq_pk_kernel(pk_isa, &st->pk_name);
+    st->dn_matmul = sq_dn_kernel(pk_isa, &st->dn_name);
     Py_RETURN_NONE;
 }
 
@@ -1086,6 +1146,7 @@ static PyMethodDef module_methods[] = {
     {"pk_weight", (PyCFunction)(void (*)(void))pk_weight, METH_FASTCALL, pk_weight_doc},
     {"pk_linear", (PyCFunction)(void (*)(void))pk_linear, METH_FASTCALL, pk_linear_doc},
     {"pk_set_exporter", (PyCFunction)(void (*)(void))pk_set_exporter, METH_FASTCALL, pk_set_exporter_doc},
+    {"dn_linear", (PyCFunction)(void (*)(void))dn_linear, METH_FASTCALL, dn_linear_doc},
     {"packed_backend", packed_backend, METH_NOARGS,
      "packed_backend()\n--\n\nName of the active packed matmul kernels: 'avx512', 'avx2' or 'ref'."},
     {NULL, NULL, 0, NULL},
@@ -1095,6 +1156,7 @@ static int module_exec(PyObject *module) {
     module_state *st = get_state(module);
     st->kernels = sq_kernels_best();
     st->pk_matmul = sq_pk_kernel("auto", &st->pk_name);
+    st->dn_matmul = sq_dn_kernel("auto", &st->dn_name);
     const char *isa = getenv("SLIDERQUANT_ISA");
     /* 'torch' tells sliderquant.ops not to call these kernels at all; the table stays the best one */
     if (isa && *isa && strcmp(isa, "torch") != 0) {

@@ -7,7 +7,9 @@ copy bandwidth of the same run (a tensor copy of the working-set size, bytes cop
 the GEMV rows can be read as a fraction of it.  At batch 1 each contender cycles over distinct copies
 of its weights adding up to ``--working-set-mib`` (512 MiB; this CPU may have a 260 MB L3), so a
 GEMV streams from memory as in a real model's decode; plus SmolLM2-135M decode tokens/s (batch 1,
-greedy, 128 new tokens), packed W4 g128 against the bf16 model, and, when the ``cyllama`` package is
+greedy, 128 new tokens), packed W4 g128 against the bf16 model (and the packed model with torch's
+``F.linear`` for its unquantized bf16 head instead of our dense kernel, to show what each part of
+the runtime gives), and, when the ``cyllama`` package is
 installed, llama.cpp decoding our GGUF export of the same RTN W4 g128 model (Q4_1) against an F16
 GGUF of the unquantized model, same prompt and thread count.  All contenders are timed interleaved
 (one call of each per round), medians over rounds, spread = the 25th to 75th percentile.  The
@@ -305,10 +307,15 @@ def _decode_rows(args) -> List[dict]:
                                  pad_token_id=tok.eos_token_id)
             assert out.shape[1] == ids.shape[1] + n
             return out[0, ids.shape[1]:].tolist()
+        # the same packed model with torch's F.linear for the bf16 head (what the dense kernel saves)
         calls = {"bf16 model": lambda: gen(bf16), "packed W4 model": lambda: gen(pk)}
+        if type(pk.get_output_embeddings()) is packed.DenseLinear:
+            pk_torch_head = copy.deepcopy(pk)
+            pk_torch_head.get_output_embeddings().__class__ = torch.nn.Linear
+            calls["packed W4, torch head"] = lambda: gen(pk_torch_head)
         lin_bytes = {"bf16 model": sum(p.numel() * 2 for nm, p in bf16.named_parameters()
                                        if nm.endswith(".weight") and "layers." in nm and p.dim() == 2),
-                     "packed W4 model": packed.packed_bytes(pk)}
+                     "packed W4 model": packed.packed_bytes(pk), "packed W4, torch head": packed.packed_bytes(pk)}
         llama, gguf_types = {}, {}
         for path in ([] if skipped else [w4, f16]):
             lin_b, types = _gguf_linears(path)

@@ -263,6 +263,34 @@ class PackedLinear(nn.Module):
                 f"group_size={self.group_size}, bias={self.bias is not None}")
 
 
+DENSE_MAX_TOKENS = 8  # DenseLinear's C path: up to this many tokens (decode); more go to F.linear
+
+
+class DenseLinear(nn.Linear):
+    """An ``nn.Linear`` (same parameters, same state dict) whose bfloat16 weight runs through
+    sliderquant's dense C kernel (``csrc/dense_*.c``) for CPU calls of up to ``DENSE_MAX_TOKENS``
+    tokens without autograd: on CPUs without native bf16 arithmetic torch's bf16 matmul reads the
+    weight well below the memory bandwidth (SmolLM2's 49152 x 576 head: ~4.5 ms against ~2.5-3 ms).
+    Anything else (fp32 weights, prefill, gradients, other devices) is plain ``F.linear``.
+    :func:`pack_model` gives the model's unquantized output head this class (a class change in
+    place: the weight stays the same tensor, tied to the embedding where it was)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if (_C is None or w.dtype != torch.bfloat16 or not x.is_cpu or not w.is_cpu or x.dtype not in _KERNEL_DTYPES
+                or x.dim() == 0 or x.numel() > DENSE_MAX_TOKENS * self.in_features
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            return super().forward(x)
+        xk = x if x.is_contiguous() else x.contiguous()
+        y = xk.new_empty(xk.shape[:-1] + (self.out_features,))
+        _C.dn_linear(w.detach() if w.requires_grad else w, xk, y, torch.get_num_threads(), None)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if m is module), "")
+
+
 def pack_model(model: nn.Module) -> nn.Module:
     """Replace every quantized linear of ``model`` (listed in ``model.sliderquant_state``) by a
     :class:`PackedLinear` holding its codes.  Linears the layout cannot hold (in_features or group
@@ -290,6 +318,9 @@ def pack_model(model: nn.Module) -> nn.Module:
         packed = PackedLinear.from_codes(q, s, z, bits, symmetric, bias)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, packed)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is nn.Linear and f"{_module_name(model, head)}.qweight" not in tensors:
+        head.__class__ = DenseLinear      # unquantized head: the dense C kernel for bf16 decode
     if skipped:
         log.warning("pack_model: %d linears kept unpacked (in_features and group must be multiples of %d): %s",
                     len(skipped), UNIT, ", ".join(skipped))

@@ -122,7 +122,9 @@ def test_infer_llama_cpp_rows_beside_ours(capsys):
     require_module("cyllama")
     rows = _run_infer("--decode-tokens", "8")
     decode = {r["impl"]: r for r in rows if r["kind"] == "decode"}
-    assert list(decode) == ["bf16 model", "packed W4 model", "llama.cpp Q4_1", "llama.cpp F16"]
+    assert list(decode) == ["bf16 model", "packed W4 model", "packed W4, torch head", "llama.cpp Q4_1", "llama.cpp F16"]
+    # same model, head through F.linear: the same greedy tokens
+    assert decode["packed W4, torch head"]["first_tokens"] == decode["packed W4 model"]["first_tokens"]
     for impl in ("llama.cpp Q4_1", "llama.cpp F16"):
         r = decode[impl]
         assert r["tokens_per_s"] > 0 and r["generation_tokens_per_s"] > 0 and r["prompt_ms"] > 0
@@ -173,7 +175,7 @@ def test_infer_without_cyllama_says_why(monkeypatch, capsys):
     require_asset("stories260k")
     monkeypatch.setitem(sys.modules, "cyllama", None)       # find_spec("cyllama") -> None: not installed
     rows = _run_infer("--decode-tokens", "2")
-    assert [r["impl"] for r in rows if r["kind"] == "decode"] == ["bf16 model", "packed W4 model"]
+    assert [r["impl"] for r in rows if r["kind"] == "decode"] == ["bf16 model", "packed W4 model", "packed W4, torch head"]
     bench_infer.print_table(rows)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "llama.cpp" in ln]
     assert lines == ["decode stories260k llama.cpp rows skipped: cyllama is not installed "

@@ -407,6 +407,99 @@ def test_packed_linear_gradient_flows_to_x(xdtype):
         assert bool(((y.detach().double() - torch.arange(21.0).double() - oracle).abs() <= bound + 1e-5).all())
 
 
+# ---- dense bf16 kernels (the unquantized head of a packed model) ----------------------------------------
+def _dn_isas():
+    out = []
+    for isa in ("ref", "avx2", "avx512"):
+        try:
+            C.dn_linear(torch.zeros(1, 1, dtype=torch.bfloat16), torch.zeros(1, 1), torch.zeros(1, 1), 1, isa)
+            out.append(isa)
+        except ValueError:
+            pass
+    return out
+
+
+DN_ISAS = _dn_isas() if C is not None else []
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_dense_bf16_kernels_against_float64_and_each_other(tokens):
+    """y = x W^T for bf16 W: every ISA bit for bit equal (one summation order, sq_dense.h), and within
+    the fp32 bound ``(K + 4) u sum |x w|`` of the float64 product of the same bf16 values; odd widths
+    (a last partial round of 16 columns), rows not a multiple of the 4-row step, 1 and 2 threads."""
+    assert DN_ISAS[0] == "ref" and len(DN_ISAS) >= 2
+    g = torch.Generator().manual_seed(tokens)
+    for rows, cols in ((1, 1), (5, 7), (17, 16), (33, 50), (70, 576), (3, 33), (400, 200)):
+        w = torch.randn(rows, cols, generator=g).bfloat16()
+        for xdtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(tokens, cols, generator=g).to(xdtype)
+            oracle = x.double() @ w.double().T
+            bound = 2 * (cols + 4) * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T)
+            outs = []
+            for isa in DN_ISAS:
+                for nt in (1, 2):
+                    y = torch.empty(tokens, rows)
+                    C.dn_linear(w, x, y, nt, isa)
+                    outs.append(y)
+            for y in outs[1:]:
+                assert torch.equal(y, outs[0])
+            assert bool(((outs[0].double() - oracle).abs() <= bound).all())
+            y16 = torch.empty(tokens, rows, dtype=torch.bfloat16)
+            C.dn_linear(w, x, y16, 2, None)
+            assert torch.equal(y16, outs[0].bfloat16())
+    assert float((outs[0].double() - oracle).abs().max()) > 0      # the bound is not met trivially
+
+
+def test_dense_bf16_kernel_refuses_bad_input():
+    w, x, y = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(2, 8), torch.empty(2, 4)
+    with pytest.raises(TypeError, match="'w' must be bfloat16"):
+        C.dn_linear(w.float(), x, y, 1, None)
+    with pytest.raises(ValueError, match="2-D"):
+        C.dn_linear(w.reshape(32), x, y, 1, None)
+    with pytest.raises(ValueError, match="last dimension in_features = 8"):
+        C.dn_linear(w, torch.zeros(2, 9), y, 1, None)
+    with pytest.raises(ValueError, match="out_features = 4"):
+        C.dn_linear(w, x, torch.empty(2, 5), 1, None)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        C.dn_linear(torch.zeros(8, 4, dtype=torch.bfloat16).T, x, y, 1, None)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        C.dn_linear(w, x.double(), y, 1, None)
+    with pytest.raises(ValueError, match="'neon' are not available"):
+        C.dn_linear(w, x, y, 1, "neon")
+    with pytest.raises(ValueError, match="overlaps"):
+        buf = torch.zeros(24)
+        C.dn_linear(w, buf[:16].view(2, 8), buf[8:16].view(2, 4), 1, None)
+    with pytest.raises(TypeError, match="require gradient"):   # w goes through __dlpack__
+        C.dn_linear(w.clone().requires_grad_(), x, y, 1, None)
+
+
+def test_dense_linear_module_paths():
+    """DenseLinear: the C kernel for a bf16 CPU decode (same result as the kernel called directly and
+    within bf16 rounding of F.linear), F.linear for fp32 weights, prefill and gradients; the class
+    change keeps the parameter (tying) and the state dict."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 24, bias=True).bfloat16()
+    sd = {k: v.clone() for k, v in lin.state_dict().items()}
+    weight = lin.weight
+    lin.__class__ = packed.DenseLinear
+    assert lin.weight is weight and all(torch.equal(v, lin.state_dict()[k]) for k, v in sd.items())
+    x = torch.randn(1, 2, 40).bfloat16()
+    with torch.no_grad():
+        y = lin(x)
+        want = torch.empty(1, 2, 24, dtype=torch.bfloat16)
+        C.dn_linear(lin.weight.detach(), x, want, torch.get_num_threads(), "ref")
+        assert torch.equal(y, want + lin.bias)
+        assert torch.allclose(y.float(), torch.nn.functional.linear(x, lin.weight, lin.bias).float(), rtol=2e-2, atol=2e-2)
+        big = torch.randn(1, packed.DENSE_MAX_TOKENS + 1, 40).bfloat16()
+        assert torch.equal(lin(big), torch.nn.functional.linear(big, lin.weight, lin.bias))
+    y = lin(x)                                      # grad enabled, weight requires grad: F.linear
+    assert y.requires_grad and y.grad_fn is not None
+    lin.float()
+    with torch.no_grad():
+        xf = x.float()
+        assert torch.equal(lin(xf), torch.nn.functional.linear(xf, lin.weight, lin.bias))
+
+
 @pytest.fixture(scope="module")
 def smollm2_w4():
     import sliderquant
@@ -431,6 +524,7 @@ def test_packed_smollm2_matches_fake_quant_and_generates(smollm2_w4, tmp_path):
     model = packed.pack_model(copy.deepcopy(fake))
     n_packed = sum(isinstance(m, packed.PackedLinear) for m in model.modules())
     assert n_packed == 30 * 7
+    assert type(model.lm_head) is packed.DenseLinear and model.lm_head.weight is model.model.embed_tokens.weight
     ids = tok("Once upon a time there was a little robot who", return_tensors="pt").input_ids
     with torch.no_grad():
         want, got = fake(ids).logits, model(ids).logits

@@ -1,0 +1,71 @@
+/*
+ * dense_avx2.c: sq_dn_matmul_ref with AVX2 + FMA: two ymm hold a row's 16 lane sums (lanes 0-7 and
+ * 8-15); 8 bf16 weights widen to fp32 by a zero-extension and a 16-bit shift (exact) per FMA; four
+ * rows at a time; the last partial round of columns runs lane by lane as in the reference.  The
+ * lanes are then summed in the header's tree.
+ */
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx2,fma")
+#include <immintrin.h>
+
+#include "sq_common.h"
+#include "sq_dense.h"
+
+#define SQ_INLINE static inline __attribute__((always_inline))
+#define RB 4 /* rows per step */
+#define SQ_DN_PF_STEPS 2 /* software prefetch: this many row steps ahead (as dense_avx512.c) */
+
+SQ_INLINE __m256 widen8(const uint16_t *w) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
+}
+
+/* nr (1..RB) rows from wr (stride K) against one token's x */
+SQ_INLINE void rows_dot(const uint16_t *wr, int64_t K, int nr, const float *xt, float *out, int pf) {
+    __m256 lo[RB], hi[RB];
+    for (int i = 0; i < RB; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
+    const int64_t K16 = K / SQ_DN_LANES * SQ_DN_LANES;
+    for (int64_t k = 0; k < K16; k += SQ_DN_LANES) {
+        const __m256 x0 = _mm256_loadu_ps(xt + k), x1 = _mm256_loadu_ps(xt + k + 8);
+        if (pf && (k & 31) == 0)
+            for (int i = 0; i < RB; ++i) _mm_prefetch((const char *)(wr + (SQ_DN_PF_STEPS * RB + i) * K + k), _MM_HINT_T0);
+#pragma GCC unroll 4
+        for (int i = 0; i < RB; ++i)
+            if (i < nr) {
+                lo[i] = _mm256_fmadd_ps(widen8(wr + i * K + k), x0, lo[i]);
+                hi[i] = _mm256_fmadd_ps(widen8(wr + i * K + k + 8), x1, hi[i]);
+            }
+    }
+    for (int i = 0; i < nr; ++i) {
+        float a[SQ_DN_LANES];
+        _mm256_storeu_ps(a, lo[i]);
+        _mm256_storeu_ps(a + 8, hi[i]);
+        for (int64_t k = K16; k < K; ++k)
+            a[k - K16] = fmaf(sq_bf16_to_f32(wr[i * K + k]), xt[k], a[k - K16]);
+        out[i] = sq_dn_reduce(a);
+    }
+}
+
+int sq_dn_matmul_avx2(const sq_dn_params *p, const uint16_t *w, const void *x, void *y) {
+    int st = sq_dn_check(p);
+    if (st) return st;
+    const int64_t T = p->tokens, N = p->rows, K = p->cols;
+    if (T == 0 || N == 0) return SQ_OK;
+    const float *xf;
+    float *owned;
+    if ((st = sq_dn_x_f32(p, x, &xf, &owned))) return st;
+    const int nt = sq_dn_threads(p);
+    const int64_t steps = (N + RB - 1) / RB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t s = 0; s < steps; ++s) {
+        const int64_t r0 = s * RB;
+        const int nr = N - r0 < RB ? (int)(N - r0) : RB;
+        for (int64_t t = 0; t < T; ++t) {
+            float out[RB];
+            rows_dot(w + r0 * K, K, nr, xf + t * K, out, t == 0 && r0 + (SQ_DN_PF_STEPS + 1) * RB <= N);
+            for (int i = 0; i < nr; ++i) sq_store(y, p->y_dtype, t * N + r0 + i, out[i]);
+        }
+    }
+    free(owned);
+    return SQ_OK;
+}
+#endif
