@@ -85,6 +85,7 @@ class QuantConfig:
     lwc_init: str = "none"           # none: logit 4.0 / factor 1.0; search: per-group weight-error grid search
     lwc_opt: str = "adamw"           # optimizer of the LWC parameters: adamw | sign (p -= lr * sign(grad))
     round_opt: str = "adamw"         # optimizer of V: adamw | sign
+    window_loss_samples: int = 0     # loss_before/after of a window on its first N samples; 0 = all of them
 
     def __post_init__(self) -> None:
         self.validate()
@@ -229,6 +230,7 @@ class QuantConfig:
         for name in ("lwc_opt", "round_opt"):
             if getattr(self, name) not in ("adamw", "sign"):
                 raise ValueError(f"{name} must be adamw or sign, got {getattr(self, name)!r}")
+        _int("window_loss_samples", self.window_loss_samples, 0)
         if self.round_opt != "adamw" and self.round_lr == 0:
             raise ValueError(f"round_opt: {self.round_opt} has no effect with round_lr: 0 (no rounding offset); "
                              f"set round_lr > 0 or leave round_opt at adamw")
@@ -241,7 +243,7 @@ class QuantConfig:
 
 # the small-budget options and their defaults (the paper's method)
 _SMALL_BUDGET_DEFAULTS = {"round_lr": 0.0, "lwc_param": "sigmoid", "lwc_init": "none", "lwc_opt": "adamw",
-                          "round_opt": "adamw"}
+                          "round_opt": "adamw", "window_loss_samples": 0}
 
 
 def _int(name: str, value, minimum: int, maximum: int | None = None) -> None:

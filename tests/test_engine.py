@@ -407,3 +407,44 @@ def test_imports_only_point_down(module):
         allowed = set()                              # the ground floor imports nothing of ours
     bad = _imports_of(path) - allowed
     assert not bad, f"{module} imports {sorted(bad)}"
+
+
+def test_window_loss_samples_measures_on_a_subset_and_trains_the_same():
+    """``window_loss_samples: N`` changes the table's losses only: the quantized model is bitwise the
+    one of the default run (training sees every sample either way), and each loss_before is the MSE
+    of the window's output on the first N samples, recomputed here from the default run's inputs:
+    for the first window (layer 0, stage 0) the student's input is the captured embedding output
+    and the target that of the unquantized layer 0."""
+    import torch.nn.functional as F
+    from sliderquant.methods.common import fp32_layer_inputs
+    ids = token_ids()
+    full, sub = tiny_model("llama"), tiny_model("llama")
+    sliderquant.quantize(full, fast(), ids)
+    sliderquant.quantize(sub, fast(window_loss_samples=2), ids)
+    a, b = full.state_dict(), sub.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows_full, rows_sub = full.sliderquant_table, sub.sliderquant_table
+    assert all(r["loss_samples"] == ids.shape[0] for r in rows_full) and ids.shape[0] > 2
+    assert all(r["loss_samples"] == 2 for r in rows_sub)
+    assert [r["loss_after"] for r in rows_sub] != [r["loss_after"] for r in rows_full]
+    # the first window's loss_before, by hand: layer 0 fake-quantized at rate 0.5 before training
+    # is what a fresh wrap computes; compare on 2 samples and on all of them
+    from sliderquant.methods.common import wrap_layers, teacher_mode, forward_layers
+    from sliderquant.methods.windows import sliderquant_plan
+    fresh = tiny_model("llama")
+    cfg = fast()
+    qlayers = wrap_layers(fresh, cfg, lwc=True, lora_rank=sliderquant_plan(cfg, 3).lora_rank,
+                          channel_scale=False, round_offset=False)
+    for q in qlayers[0].values():
+        q.quant_rate = 0.5
+    layer0 = decoder_layers(fresh)[:1]
+    with torch.no_grad(), fp32_layer_inputs(fresh, ids) as (x0, kw):
+        with teacher_mode(qlayers[:1]):
+            target = forward_layers(layer0, x0, kw, torch.autocast("cpu", enabled=False))
+        out = forward_layers(layer0, x0, kw, torch.autocast("cpu", enabled=False))
+    assert rows_sub[0]["loss_before"] == pytest.approx(F.mse_loss(out[:2], target[:2]).item(), rel=1e-5)
+    assert rows_full[0]["loss_before"] == pytest.approx(F.mse_loss(out, target).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="window_loss_samples"):
+        fast(window_loss_samples=-1)
+    with pytest.raises(ValueError, match="only act on methods that train windows"):
+        QuantConfig(method="rtn", window_loss_samples=4)

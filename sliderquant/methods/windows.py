@@ -181,12 +181,15 @@ class WindowRun:
         with teacher_mode(qblock):
             target = forward_layers(block, self.x_fp, self.layer_kwargs, self.amp)
         t0 = time.time()
-        before = window_mse(block, self.x_q, target, self.layer_kwargs, self.amp)
+        # the window's loss before and after training: on all samples, or on the first
+        # window_loss_samples (a small-budget option: the two passes cost as much as an epoch)
+        ev = self.cfg.window_loss_samples or self.x_q.shape[0]
+        before = window_mse(block, self.x_q[:ev], target[:ev], self.layer_kwargs, self.amp)
         snapshot = _learned(qblock) if self.cfg.revert_worse_windows else None
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + step.stage * 104_729 + step.index)
         train_window(block, qblock, self.x_q, target, self.layer_kwargs, self.cfg, self.plan.epochs,
                      self.amp, gen)
-        trained = after = window_mse(block, self.x_q, target, self.layer_kwargs, self.amp)
+        trained = after = window_mse(block, self.x_q[:ev], target[:ev], self.layer_kwargs, self.amp)
         reverted = snapshot is not None and trained > before
         if reverted:
             _load_learned(qblock, snapshot)
@@ -195,7 +198,7 @@ class WindowRun:
                      "(revert_worse_windows)", a, b, step.stage, before, trained)
         row = {"stage": step.stage, "rate": step.rate, "window": list(step.window), "loss_before": before,
                "loss_trained": trained, "loss_after": after, "reverted": reverted,
-               "seconds": time.time() - t0}
+               "loss_samples": min(ev, self.x_q.shape[0]), "seconds": time.time() - t0}
         self.table.append(row)
         self.done += 1
         return row
