@@ -146,6 +146,9 @@ class WindowRun:
         self.done, self.table = 0, []
         # inputs of layer ``pos`` in the current stage: fp model (teacher) and quantized model
         self.stage, self.pos, self.x_fp, self.x_q = None, 0, x0, x0
+        # the teacher's hidden states by layer position (input of that layer), from pos on: each fp
+        # layer runs once per stage, where a window's target and the advance would run it 3 times
+        self.fp_states = {0: x0}
 
     def resume(self) -> None:
         """Load the learned state of the completed steps from the work directory, if any."""
@@ -163,23 +166,37 @@ class WindowRun:
         does the first step after a resume: inputs are recomputed, never stored)."""
         if step.stage != self.stage:
             self.stage, self.pos, self.x_fp, self.x_q = step.stage, 0, self.x0, self.x0
+            self.fp_states = {0: self.x0}
             for d in self.qlayers:
                 for q in d.values():
                     q.quant_rate = step.rate
         a = step.window[0]
         if a > self.pos:
             skipped = self.layers[self.pos:a]
-            with teacher_mode(self.qlayers):
-                self.x_fp = forward_layers(skipped, self.x_fp, self.layer_kwargs, self.amp)
+            self.x_fp = self.teacher_state(a)
             self.x_q = forward_layers(skipped, self.x_q, self.layer_kwargs, self.amp)
             self.pos = a
+        for k in [k for k in self.fp_states if k < a]:
+            del self.fp_states[k]
+
+    def teacher_state(self, pos: int) -> torch.Tensor:
+        """The fp model's hidden states at the input of layer ``pos`` (``pos`` = the number of layers:
+        the last layer's output), from the nearest cached position before it, one layer at a time
+        (the same chunked calls as running the layers together, so the same numbers)."""
+        k = max(p for p in self.fp_states if p <= pos)
+        h = self.fp_states[k]
+        while k < pos:
+            with teacher_mode(self.qlayers[k:k + 1]):
+                h = forward_layers(self.layers[k:k + 1], h, self.layer_kwargs, self.amp)
+            k += 1
+            self.fp_states[k] = h
+        return h
 
     def reconstruct(self, step: Step) -> dict:
         """Train the window's parameters on the MSE to the teacher's output; returns its table row."""
         a, b = step.window[0], step.window[-1]
         block, qblock = self.layers[a:b + 1], self.qlayers[a:b + 1]
-        with teacher_mode(qblock):
-            target = forward_layers(block, self.x_fp, self.layer_kwargs, self.amp)
+        target = self.teacher_state(b + 1)
         t0 = time.time()
         # the window's loss before and after training: on all samples, or on the first
         # window_loss_samples (a small-budget option: the two passes cost as much as an epoch)
