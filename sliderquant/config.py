@@ -86,6 +86,7 @@ class QuantConfig:
     lwc_opt: str = "adamw"           # optimizer of the LWC parameters: adamw | sign (p -= lr * sign(grad))
     round_opt: str = "adamw"         # optimizer of V: adamw | sign
     window_loss_samples: int = 0     # loss_before/after of a window on its first N samples; 0 = all of them
+    epochs_per_stage: list[int] | None = None   # epochs of each stage (summing to epochs); None: split evenly
 
     def __post_init__(self) -> None:
         self.validate()
@@ -157,6 +158,12 @@ class QuantConfig:
     def stage_epochs(self) -> int:
         """Epochs per stage: the total split evenly (at least one unless ``epochs`` is 0)."""
         return 0 if self.epochs == 0 else max(1, self.epochs // len(self.quant_rates))
+
+    def epochs_of_stages(self) -> list[int]:
+        """The epochs of each stage: ``epochs_per_stage`` when given, else ``stage_epochs()`` each."""
+        if self.epochs_per_stage is not None:
+            return list(self.epochs_per_stage)
+        return [self.stage_epochs()] * len(self.quant_rates)
 
     # ---- validation -------------------------------------------------------------------------
     def validate(self) -> None:
@@ -231,6 +238,20 @@ class QuantConfig:
             if getattr(self, name) not in ("adamw", "sign"):
                 raise ValueError(f"{name} must be adamw or sign, got {getattr(self, name)!r}")
         _int("window_loss_samples", self.window_loss_samples, 0)
+        if self.epochs_per_stage is not None:
+            eps = self.epochs_per_stage
+            if not isinstance(eps, (list, tuple)) or not all(
+                    isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eps):
+                raise ValueError(f"epochs_per_stage must be a list of integers >= 0, got {eps!r}")
+            if len(eps) != len(self.quant_rates):
+                raise ValueError(f"epochs_per_stage has {len(eps)} entries but there are {len(self.quant_rates)} "
+                                 f"stages (quant_rates {self.quant_rates})")
+            if sum(eps) != self.epochs:
+                raise ValueError(f"epochs_per_stage {list(eps)} sums to {sum(eps)}, but epochs is {self.epochs}: "
+                                 f"set epochs to the total")
+            if self.method != "sliderquant":
+                raise ValueError(f"epochs_per_stage splits sliderquant's stages; {self.method} has none to split")
+            self.epochs_per_stage = list(eps)
         if self.round_opt != "adamw" and self.round_lr == 0:
             raise ValueError(f"round_opt: {self.round_opt} has no effect with round_lr: 0 (no rounding offset); "
                              f"set round_lr > 0 or leave round_opt at adamw")
@@ -243,7 +264,7 @@ class QuantConfig:
 
 # the small-budget options and their defaults (the paper's method)
 _SMALL_BUDGET_DEFAULTS = {"round_lr": 0.0, "lwc_param": "sigmoid", "lwc_init": "none", "lwc_opt": "adamw",
-                          "round_opt": "adamw", "window_loss_samples": 0}
+                          "round_opt": "adamw", "window_loss_samples": 0, "epochs_per_stage": None}
 
 
 def _int(name: str, value, minimum: int, maximum: int | None = None) -> None:

@@ -363,8 +363,8 @@ def test_method_registry_facts():
     from sliderquant.methods import METHODS, get_method
     assert set(METHODS) == {"rtn", "gptq", "omniquant", "sliderquant"}
     assert [m for m in METHODS if not METHODS[m].needs_calibration] == ["rtn"]
-    assert plan(QuantConfig(method="omniquant", epochs=6), 3) == ([(0,), (1,), (2,)], [1.0], 0, 6)
-    assert plan(QuantConfig(epochs=6), 3) == ([(0,), (0, 1), (1, 2), (2,)], [0.5, 1.0], 4, 3)
+    assert plan(QuantConfig(method="omniquant", epochs=6), 3) == ([(0,), (1,), (2,)], [1.0], 0, [6])
+    assert plan(QuantConfig(epochs=6), 3) == ([(0,), (0, 1), (1, 2), (2,)], [0.5, 1.0], 4, [3, 3])
     for name in ("rtn", "gptq"):
         with pytest.raises(ValueError, match="does not train over windows"):
             plan(QuantConfig(method=name), 3)
@@ -448,3 +448,25 @@ def test_window_loss_samples_measures_on_a_subset_and_trains_the_same():
         fast(window_loss_samples=-1)
     with pytest.raises(ValueError, match="only act on methods that train windows"):
         QuantConfig(method="rtn", window_loss_samples=4)
+
+
+def test_epochs_per_stage_splits_the_training_as_asked():
+    """``epochs_per_stage``: [2, 2] is the even split of 4 (bitwise the default run); [0, 4] trains
+    nothing in the first stage (every stage-0 window ends at its starting loss, parameters
+    untouched) and trains the second; bad lists are refused before anything runs."""
+    ids = token_ids()
+    even, listed, late = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
+    sliderquant.quantize(even, fast(epochs=4), ids)
+    sliderquant.quantize(listed, fast(epochs=4, epochs_per_stage=[2, 2]), ids)
+    a, b = even.state_dict(), listed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sliderquant.quantize(late, fast(epochs=4, epochs_per_stage=[0, 4]), ids)
+    rows = late.sliderquant_table
+    assert all(r["loss_trained"] == r["loss_before"] for r in rows if r["stage"] == 0), rows
+    assert all(r["loss_trained"] != r["loss_before"] for r in rows if r["stage"] == 1), rows
+    for bad, match in (([1, 2], "sums to 3, but epochs is 4"), ([4], "1 entries but there are 2 stages"),
+                       ([2, -1, 3], "integers >= 0"), ("22", "integers >= 0")):
+        with pytest.raises(ValueError, match=match):
+            fast(epochs=4, epochs_per_stage=bad)
+    with pytest.raises(ValueError, match="omniquant has none to split"):
+        fast("omniquant", epochs=4, epochs_per_stage=[2, 2])

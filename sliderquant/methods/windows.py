@@ -50,7 +50,7 @@ class WindowPlan(NamedTuple):
     windows: list[Window]
     rates: list[float]          # one stage per quant ratio
     lora_rank: int
-    epochs: int                 # per window and stage
+    epochs: list[int]           # per window, for each stage
 
 
 def sliderquant_plan(cfg, num_layers: int) -> WindowPlan:
@@ -60,12 +60,12 @@ def sliderquant_plan(cfg, num_layers: int) -> WindowPlan:
     else:
         windows = sliding_windows(num_layers, cfg.shallow_layers, cfg.deep_layers, cfg.window_size,
                                   cfg.stride)
-    return WindowPlan(windows, cfg.quant_rates, cfg.lora_rank, cfg.stage_epochs())
+    return WindowPlan(windows, cfg.quant_rates, cfg.lora_rank, cfg.epochs_of_stages())
 
 
 def omniquant_plan(cfg, num_layers: int) -> WindowPlan:
     """One window per layer, one stage quantizing everything, LWC only, all the epochs."""
-    return WindowPlan(single_layer_windows(num_layers), [1.0], 0, cfg.epochs)
+    return WindowPlan(single_layer_windows(num_layers), [1.0], 0, [cfg.epochs])
 
 
 class Step(NamedTuple):
@@ -113,7 +113,7 @@ def run_windows(model, cfg, calibration, work_dir=None, on_window=None):
             work = WorkDir(work_dir, fingerprint(cfg.fingerprint(), calibration,
                                                  extra=model.config.to_json_string() + precision))
         run = WindowRun(model, cfg, plan, x0, layer_kwargs, work)
-        log.info("%s: %d windows x %d stages, %d epochs per window and stage, %s training: %s", cfg.method,
+        log.info("%s: %d windows x %d stages, epochs per window in each stage %s, %s training: %s", cfg.method,
                  len(plan.windows), len(plan.rates), plan.epochs, precision, format_windows(plan.windows))
         run.resume()
         progress = Progress(len(run.steps), cfg.method, unit="window", initial=run.done)
@@ -204,7 +204,7 @@ class WindowRun:
         before = window_mse(block, self.x_q[:ev], target[:ev], self.layer_kwargs, self.amp)
         snapshot = _learned(qblock) if self.cfg.revert_worse_windows else None
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + step.stage * 104_729 + step.index)
-        train_window(block, qblock, self.x_q, target, self.layer_kwargs, self.cfg, self.plan.epochs,
+        train_window(block, qblock, self.x_q, target, self.layer_kwargs, self.cfg, self.plan.epochs[step.stage],
                      self.amp, gen)
         trained = after = window_mse(block, self.x_q[:ev], target[:ev], self.layer_kwargs, self.amp)
         reverted = snapshot is not None and trained > before
