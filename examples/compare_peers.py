@@ -178,7 +178,8 @@ def _small_budget_options(cfg) -> str:
     """The non-paper options a preset turns on (docs/algorithm.md section 11), for the budget column."""
     from sliderquant.config import QuantConfig
     default = QuantConfig()
-    names = ("round_lr", "lwc_param", "lwc_init", "lwc_opt", "round_opt", "revert_worse_windows")
+    names = ("epochs_per_stage", "round_lr", "lwc_param", "lwc_init", "lwc_opt", "round_opt", "window_loss_samples",
+             "revert_worse_windows")
     return ", ".join(f"{n} {getattr(cfg, n)}" for n in names if getattr(cfg, n) != getattr(default, n))
 
 
