@@ -12,15 +12,14 @@
 #include "sq_dense.h"
 
 #define SQ_INLINE static inline __attribute__((always_inline))
-#define RB 4 /* rows per step */
-#define SQ_DN_PF_STEPS 2 /* software prefetch: this many row steps ahead (as dense_avx512.c) */
+#define RB SQ_DN_RB
 
 SQ_INLINE __m256 widen8(const uint16_t *w) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
 }
 
 /* nr (1..RB) rows from wr (stride K) against one token's x */
-SQ_INLINE void rows_dot(const uint16_t *wr, int64_t K, int nr, const float *xt, float *out, int pf) {
+static void rows_dot(const uint16_t *wr, int64_t K, int nr, const float *xt, float *out, int pf) {
     __m256 lo[RB], hi[RB];
     for (int i = 0; i < RB; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
     const int64_t K16 = K / SQ_DN_LANES * SQ_DN_LANES;
@@ -46,26 +45,6 @@ SQ_INLINE void rows_dot(const uint16_t *wr, int64_t K, int nr, const float *xt, 
 }
 
 int sq_dn_matmul_avx2(const sq_dn_params *p, const uint16_t *w, const void *x, void *y) {
-    int st = sq_dn_check(p);
-    if (st) return st;
-    const int64_t T = p->tokens, N = p->rows, K = p->cols;
-    if (T == 0 || N == 0) return SQ_OK;
-    const float *xf;
-    float *owned;
-    if ((st = sq_dn_x_f32(p, x, &xf, &owned))) return st;
-    const int nt = sq_dn_threads(p);
-    const int64_t steps = (N + RB - 1) / RB;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t s = 0; s < steps; ++s) {
-        const int64_t r0 = s * RB;
-        const int nr = N - r0 < RB ? (int)(N - r0) : RB;
-        for (int64_t t = 0; t < T; ++t) {
-            float out[RB];
-            rows_dot(w + r0 * K, K, nr, xf + t * K, out, t == 0 && r0 + (SQ_DN_PF_STEPS + 1) * RB <= N);
-            for (int i = 0; i < nr; ++i) sq_store(y, p->y_dtype, t * N + r0 + i, out[i]);
-        }
-    }
-    free(owned);
-    return SQ_OK;
+    return sq_dn_run(p, w, x, y, rows_dot);
 }
 #endif

@@ -12,11 +12,10 @@
 #include "sq_dense.h"
 
 #define SQ_INLINE static inline __attribute__((always_inline))
-#define RB 4 /* rows per step */
-/* software prefetch: this many row steps ahead, one line per row every 32 columns; on the SmolLM2
- * head (49152 x 576, 2 threads) 1, 2 and 4 steps gave 2.55-2.91, 2.50-2.58 and 2.78-2.96 ms
- * against 3.90-4.10 ms without (torch's bf16 F.linear: 4.4-4.6 ms) */
-#define SQ_DN_PF_STEPS 2
+#define RB SQ_DN_RB
+/* software prefetch SQ_DN_PF_STEPS (sq_dense.h) row steps ahead, one line per row every 32 columns;
+ * on the SmolLM2 head (49152 x 576, 2 threads) 1, 2 and 4 steps gave 2.55-2.91, 2.50-2.58 and
+ * 2.78-2.96 ms against 3.90-4.10 ms without (torch's bf16 F.linear: 4.4-4.6 ms) */
 
 SQ_INLINE __m512 widen16(const uint16_t *w) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w)), 16));
@@ -33,7 +32,7 @@ SQ_INLINE float reduce16(__m512 a) {
 }
 
 /* nr (1..RB) rows from wr (stride K) against one token's x */
-SQ_INLINE void rows_dot(const uint16_t *wr, int64_t K, int nr, const float *xt, float *out, int pf) {
+static void rows_dot(const uint16_t *wr, int64_t K, int nr, const float *xt, float *out, int pf) {
     __m512 acc[RB];
     for (int i = 0; i < RB; ++i) acc[i] = _mm512_setzero_ps();
     const int64_t K16 = K / SQ_DN_LANES * SQ_DN_LANES;
@@ -59,26 +58,6 @@ SQ_INLINE void rows_dot(const uint16_t *wr, int64_t K, int nr, const float *xt, 
 }
 
 int sq_dn_matmul_avx512(const sq_dn_params *p, const uint16_t *w, const void *x, void *y) {
-    int st = sq_dn_check(p);
-    if (st) return st;
-    const int64_t T = p->tokens, N = p->rows, K = p->cols;
-    if (T == 0 || N == 0) return SQ_OK;
-    const float *xf;
-    float *owned;
-    if ((st = sq_dn_x_f32(p, x, &xf, &owned))) return st;
-    const int nt = sq_dn_threads(p);
-    const int64_t steps = (N + RB - 1) / RB;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t s = 0; s < steps; ++s) {
-        const int64_t r0 = s * RB;
-        const int nr = N - r0 < RB ? (int)(N - r0) : RB;
-        for (int64_t t = 0; t < T; ++t) {
-            float out[RB];
-            rows_dot(w + r0 * K, K, nr, xf + t * K, out, t == 0 && r0 + (SQ_DN_PF_STEPS + 1) * RB <= N);
-            for (int i = 0; i < nr; ++i) sq_store(y, p->y_dtype, t * N + r0 + i, out[i]);
-        }
-    }
-    free(owned);
-    return SQ_OK;
+    return sq_dn_run(p, w, x, y, rows_dot);
 }
 #endif

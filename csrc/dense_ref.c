@@ -7,25 +7,17 @@
 #include "sq_common.h"
 #include "sq_dense.h"
 
-int sq_dn_matmul_ref(const sq_dn_params *p, const uint16_t *w, const void *x, void *y) {
-    int st = sq_dn_check(p);
-    if (st) return st;
-    const int64_t T = p->tokens, N = p->rows, K = p->cols;
-    if (T == 0 || N == 0) return SQ_OK;
-    const float *xf;
-    float *owned;
-    if ((st = sq_dn_x_f32(p, x, &xf, &owned))) return st;
-    const int nt = sq_dn_threads(p);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < N; ++r) {
-        const uint16_t *wr = w + r * K;
-        for (int64_t t = 0; t < T; ++t) {
-            float acc[SQ_DN_LANES] = {0.0f};
-            for (int64_t k = 0; k < K; ++k)
-                acc[k % SQ_DN_LANES] = fmaf(sq_bf16_to_f32(wr[k]), xf[t * K + k], acc[k % SQ_DN_LANES]);
-            sq_store(y, p->y_dtype, t * N + r, sq_dn_reduce(acc));
-        }
+/* nr rows, one at a time: the 16 lanes, then the tree */
+static void rows_dot(const uint16_t *wr, int64_t K, int nr, const float *xt, float *out, int pf) {
+    (void)pf;
+    for (int i = 0; i < nr; ++i) {
+        float acc[SQ_DN_LANES] = {0.0f};
+        for (int64_t k = 0; k < K; ++k)
+            acc[k % SQ_DN_LANES] = fmaf(sq_bf16_to_f32(wr[i * K + k]), xt[k], acc[k % SQ_DN_LANES]);
+        out[i] = sq_dn_reduce(acc);
     }
-    free(owned);
-    return SQ_OK;
+}
+
+int sq_dn_matmul_ref(const sq_dn_params *p, const uint16_t *w, const void *x, void *y) {
+    return sq_dn_run(p, w, x, y, rows_dot);
 }

@@ -66,6 +66,18 @@ static void view_release(view *v) {
     Py_CLEAR(v->capsule);
 }
 
+/* the producer's exception, re-raised as a TypeError that names the argument */
+static void export_failed(const char *name) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyErr_Format(PyExc_TypeError, "argument '%s' could not be exported through DLPack: %S", name,
+                 value ? value : Py_None);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+}
+
 static PyObject *call_dlpack(PyObject *obj, const char *name) {
     PyObject *meth = PyObject_GetAttrString(obj, "__dlpack__");
     if (!meth) {
@@ -84,16 +96,7 @@ static PyObject *call_dlpack(PyObject *obj, const char *name) {
         cap = PyObject_CallNoArgs(meth);
     }
     Py_DECREF(meth);
-    if (!cap) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        PyErr_Format(PyExc_TypeError, "argument '%s' could not be exported through DLPack: %S", name,
-                     value ? value : Py_None);
-        Py_XDECREF(type);
-        Py_XDECREF(value);
-        Py_XDECREF(tb);
-    }
+    if (!cap) export_failed(name);
     return cap;
 }
 
@@ -139,16 +142,7 @@ static int check_contiguous(const view *v) {
 static PyObject *export_capsule(PyObject *obj, const char *name, PyObject *fast_type, PyObject *fast_export) {
     if (!fast_export || (PyObject *)Py_TYPE(obj) != fast_type) return call_dlpack(obj, name);
     PyObject *cap = PyObject_CallOneArg(fast_export, obj);
-    if (!cap) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        PyErr_Format(PyExc_TypeError, "argument '%s' could not be exported through DLPack: %S", name,
-                     value ? value : Py_None);
-        Py_XDECREF(type);
-        Py_XDECREF(value);
-        Py_XDECREF(tb);
-    }
+    if (!cap) export_failed(name);
     return cap;
 }
 

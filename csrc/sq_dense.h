@@ -67,12 +67,44 @@ static inline int sq_dn_x_f32(const sq_dn_params *p, const void *x, const float 
     return SQ_OK;
 }
 
+/* nr (1..SQ_DN_RB) rows from wr (row stride K) against one token's x: out[i] = row i . x, in the
+ * order above; pf: the kernel may prefetch the rows SQ_DN_PF_STEPS steps ahead (they exist) */
+#define SQ_DN_RB 4
+#define SQ_DN_PF_STEPS 2 /* software prefetch distance, in steps of SQ_DN_RB rows (dense_avx512.c) */
+typedef void (*sq_dn_rows_fn)(const uint16_t *wr, int64_t K, int nr, const float *xt, float *out, int pf);
+
 /* the lane tree of the header comment */
 static inline float sq_dn_reduce(const float *a) {
     float s8[8], s4[4];
     for (int l = 0; l < 8; ++l) s8[l] = a[l] + a[l + 8];
     for (int l = 0; l < 4; ++l) s4[l] = s8[l] + s8[l + 4];
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+/* Shared by every ISA: checks, x as fp32, then steps of SQ_DN_RB rows over the threads, each
+ * token in turn, through the ISA's rows function. */
+static inline int sq_dn_run(const sq_dn_params *p, const uint16_t *w, const void *x, void *y, sq_dn_rows_fn rows) {
+    int st = sq_dn_check(p);
+    if (st) return st;
+    const int64_t T = p->tokens, N = p->rows, K = p->cols;
+    if (T == 0 || N == 0) return SQ_OK;
+    const float *xf;
+    float *owned;
+    if ((st = sq_dn_x_f32(p, x, &xf, &owned))) return st;
+    const int nt = sq_dn_threads(p);
+    const int64_t steps = (N + SQ_DN_RB - 1) / SQ_DN_RB;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t s = 0; s < steps; ++s) {
+        const int64_t r0 = s * SQ_DN_RB;
+        const int nr = N - r0 < SQ_DN_RB ? (int)(N - r0) : SQ_DN_RB;
+        for (int64_t t = 0; t < T; ++t) {
+            float out[SQ_DN_RB];
+            rows(w + r0 * K, K, nr, xf + t * K, out, t == 0 && r0 + (SQ_DN_PF_STEPS + 1) * SQ_DN_RB <= N);
+            for (int i = 0; i < nr; ++i) sq_store(y, p->y_dtype, t * N + r0 + i, out[i]);
+        }
+    }
+    free(owned);
+    return SQ_OK;
 }
 
 #endif /* SQ_DENSE_H */
