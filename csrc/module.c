@@ -147,8 +147,8 @@ static PyObject *export_capsule(PyObject *obj, const char *name, PyObject *fast_
 }
 
 /* Takes obj's DLPack capsule; on failure sets an exception and leaves v empty. */
-static int view_import_via(PyObject *obj, const char *name, int writable, view *v, PyObject *fast_type,
-                           PyObject *fast_export) {
+static int view_import(PyObject *obj, const char *name, int writable, view *v, PyObject *fast_type,
+                       PyObject *fast_export) {
     memset(v, 0, sizeof *v);
     v->name = name;
     PyObject *cap = export_capsule(obj, name, fast_type, fast_export);
@@ -230,10 +230,6 @@ fail:
     return -1;
 }
 
-static int view_import(PyObject *obj, const char *name, int writable, view *v) {
-    return view_import_via(obj, name, writable, v, NULL, NULL);
-}
-
 static const char *dtype_name(SQ_DLDataType dt) {
     if (dt.code == SQ_kDLFloat && dt.bits == 32) return "float32";
     if (dt.code == SQ_kDLFloat && dt.bits == 16) return "float16";
@@ -300,27 +296,35 @@ static void views_release(view_set *s) {
     s->n = 0;
 }
 
-/* Imports obj into the set; None gives NULL (allowed only when optional). */
-static view *views_add(view_set *s, PyObject *obj, const char *name, int optional, int output) {
+/* Imports obj into the set (through the exporter fast_export for objects of exactly fast_type, see
+ * module_state; NULL: __dlpack__); None gives NULL (allowed only when optional). */
+static view *views_add_via(view_set *s, PyObject *obj, const char *name, int optional, int output,
+                           PyObject *fast_type, PyObject *fast_export) {
     if (obj == Py_None) {
         if (!optional) PyErr_Format(PyExc_TypeError, "argument '%s' is required, got None", name);
         return NULL;
     }
     view *v = &s->v[s->n];
-    if (view_import(obj, name, output, v) < 0) return NULL;
+    if (view_import(obj, name, output, v, fast_type, fast_export) < 0) return NULL;
     s->is_output[s->n++] = output;
     return v;
+}
+
+static view *views_add(view_set *s, PyObject *obj, const char *name, int optional, int output) {
+    return views_add_via(s, obj, name, optional, output, NULL, NULL);
+}
+
+/* whether two non-empty views share a byte */
+static int views_overlap(const view *a, const view *b) {
+    return a->nbytes && b->nbytes && a->data < b->data + b->nbytes && b->data < a->data + a->nbytes;
 }
 
 /* No output may overlap any other argument. */
 static int views_check_aliasing(const view_set *s) {
     for (int a = 0; a < s->n; ++a) {
-        if (!s->is_output[a] || s->v[a].nbytes == 0) continue;
-        const char *a0 = s->v[a].data, *a1 = a0 + s->v[a].nbytes;
+        if (!s->is_output[a]) continue;
         for (int b = 0; b < s->n; ++b) {
-            if (b == a || s->v[b].nbytes == 0) continue;
-            const char *b0 = s->v[b].data, *b1 = b0 + s->v[b].nbytes;
-            if (a0 < b1 && b0 < a1) {
+            if (b != a && views_overlap(&s->v[a], &s->v[b])) {
                 PyErr_Format(PyExc_ValueError, "output '%s' overlaps argument '%s' in memory; outputs must be fresh tensors",
                              s->v[a].name, s->v[b].name);
                 return -1;
@@ -747,6 +751,23 @@ PyDoc_STRVAR(pk_matmul_doc,
              "scale_min float32 (row_blocks, cols/group_size, 2, 16); x float32 or bfloat16 (..., cols); y float32\n"
              "or bfloat16 (..., rows).  isa None uses the active kernels, else 'ref', 'avx2' or 'avx512'.");
 
+/* the isa argument of the inference kernels: None (*isa = NULL: the active kernels) or a kernel name
+ * ('auto' is a choice of set_backend, not a kernel: the callers refuse it) */
+static int parse_isa(PyObject *o, const char **isa) {
+    *isa = NULL;
+    if (o == Py_None) return 0;
+    *isa = PyUnicode_Check(o) ? PyUnicode_AsUTF8(o) : NULL;
+    if (*isa) return 0;
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "argument 'isa' must be None or a str");
+    return -1;
+}
+
+static PyObject *isa_unavailable(const char *which, const char *isa) {
+    PyErr_Format(PyExc_ValueError, "%s kernels '%s' are not available here (expected 'ref', 'avx2' or "
+                 "'avx512' that this CPU supports)", which, isa);
+    return NULL;
+}
+
 /* rows, cols, group and bits of a packed weight: parsed from args[0..3] and checked */
 typedef struct {
     long rows, cols, group, bits;
@@ -797,19 +818,15 @@ static int pk_add_weight(view_set *s, PyObject *qweight, PyObject *scale_min, co
 static int pk_add_xy(view_set *s, PyObject *xo, PyObject *yo, const pk_shape *g, sq_pk_params *p,
                      const module_state *fast, view **x, view **y) {
     PyObject *ft = fast ? fast->fast_type : NULL, *fe = fast ? fast->fast_export : NULL;
-    *x = &s->v[s->n];
-    if (view_import_via(xo, "x", 0, *x, ft, fe) < 0) return -1;
-    s->is_output[s->n++] = 0;
-    if (view_data_dtype(*x, &p->x_dtype) < 0) return -1;
+    *x = views_add_via(s, xo, "x", 0, 0, ft, fe);
+    if (!*x || view_data_dtype(*x, &p->x_dtype) < 0) return -1;
     if ((*x)->t->ndim < 1 || (*x)->t->shape[(*x)->t->ndim - 1] != g->cols) {
         PyErr_Format(PyExc_ValueError, "argument 'x' must have last dimension in_features = %ld", g->cols);
         return -1;
     }
     p->tokens = (*x)->numel / g->cols;
-    *y = &s->v[s->n];
-    if (view_import_via(yo, "y", 1, *y, ft, fe) < 0) return -1;
-    s->is_output[s->n++] = 1;
-    if (view_data_dtype(*y, &p->y_dtype) < 0) return -1;
+    *y = views_add_via(s, yo, "y", 0, 1, ft, fe);
+    if (!*y || view_data_dtype(*y, &p->y_dtype) < 0) return -1;
     int ok = (*y)->t->ndim == (*x)->t->ndim && (*y)->t->shape[(*y)->t->ndim - 1] == g->rows;
     for (int d = 0; ok && d < (*x)->t->ndim - 1; ++d) ok = (*y)->t->shape[d] == (*x)->t->shape[d];
     if (!ok) {
@@ -836,23 +853,10 @@ static PyObject *pk_matmul(PyObject *module, PyObject *const *args, Py_ssize_t n
     pk_shape g;
     long nthreads;
     if (pk_parse_shape(args + 4, &g) < 0 || parse_int(args[8], "nthreads", 1, 4096, &nthreads) < 0) return NULL;
-    sq_pk_matmul_fn fn;
-    const char *fn_name = NULL;
-    if (args[9] == Py_None) {
-        fn = get_state(module)->pk_matmul;
-    } else {
-        const char *isa = PyUnicode_Check(args[9]) ? PyUnicode_AsUTF8(args[9]) : NULL;
-        if (!isa) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "argument 'isa' must be None or a str");
-            return NULL;
-        }
-        fn = strcmp(isa, "auto") == 0 ? NULL : sq_pk_kernel(isa, &fn_name);
-        if (!fn) {
-            PyErr_Format(PyExc_ValueError, "packed kernels '%s' are not available here (expected 'ref', 'avx2' or "
-                         "'avx512' that this CPU supports)", isa);
-            return NULL;
-        }
-    }
+    const char *isa;
+    if (parse_isa(args[9], &isa) < 0) return NULL;
+    sq_pk_matmul_fn fn = !isa ? get_state(module)->pk_matmul : strcmp(isa, "auto") ? sq_pk_kernel(isa, NULL) : NULL;
+    if (!fn) return isa_unavailable("packed", isa);
     sq_pk_params p = {0};
     p.rows = g.rows;
     p.cols = g.cols;
@@ -975,10 +979,9 @@ static PyObject *pk_linear(PyObject *module, PyObject *const *args, Py_ssize_t n
     if (pk_add_xy(&s, args[1], args[2], &w->g, &p, st, &x, &y) < 0) goto done;
     if (views_check_aliasing(&s) < 0) goto done;
     for (int k = 0; k < 2; ++k) { /* y must not overlap the weight either */
-        const view *v = &w->s.v[k];
-        if (y->nbytes && y->data < v->data + v->nbytes && v->data < y->data + y->nbytes) {
+        if (views_overlap(y, &w->s.v[k])) {
             PyErr_Format(PyExc_ValueError, "output 'y' overlaps the weight's '%s' in memory; outputs must be fresh tensors",
-                         v->name);
+                         w->s.v[k].name);
             goto done;
         }
     }
@@ -1026,20 +1029,10 @@ static PyObject *dn_linear(PyObject *module, PyObject *const *args, Py_ssize_t n
     long nthreads;
     if (parse_int(args[3], "nthreads", 1, 4096, &nthreads) < 0) return NULL;
     module_state *st = get_state(module);
-    sq_dn_matmul_fn fn = st->dn_matmul;
-    if (args[4] != Py_None) {
-        const char *isa = PyUnicode_Check(args[4]) ? PyUnicode_AsUTF8(args[4]) : NULL;
-        if (!isa) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "argument 'isa' must be None or a str");
-            return NULL;
-        }
-        fn = strcmp(isa, "auto") == 0 ? NULL : sq_dn_kernel(isa, NULL);
-        if (!fn) {
-            PyErr_Format(PyExc_ValueError, "dense kernels '%s' are not available here (expected 'ref', 'avx2' or "
-                         "'avx512' that this CPU supports)", isa);
-            return NULL;
-        }
-    }
+    const char *isa;
+    if (parse_isa(args[4], &isa) < 0) return NULL;
+    sq_dn_matmul_fn fn = !isa ? st->dn_matmul : strcmp(isa, "auto") ? sq_dn_kernel(isa, NULL) : NULL;
+    if (!fn) return isa_unavailable("dense", isa);
     view_set s = {0};
     PyObject *res = NULL;
     view *w = views_add(&s, args[0], "w", 0, 0);

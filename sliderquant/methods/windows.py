@@ -144,10 +144,10 @@ class WindowRun:
         self.steps = [Step(s, rate, k, w) for s, rate in enumerate(plan.rates)
                       for k, w in enumerate(plan.windows)]
         self.done, self.table = 0, []
-        # inputs of layer ``pos`` in the current stage: fp model (teacher) and quantized model
-        self.stage, self.pos, self.x_fp, self.x_q = None, 0, x0, x0
-        # the teacher's hidden states by layer position (input of that layer), from pos on: each fp
-        # layer runs once per stage, where a window's target and the advance would run it 3 times
+        # the quantized model's input of layer ``pos`` in the current stage, and the teacher's (fp)
+        # hidden states by layer position (the input of that layer), from ``pos`` on: each fp layer
+        # runs once per stage, where a window's target and the advance would run it 3 times
+        self.stage, self.pos, self.x_q = None, 0, x0
         self.fp_states = {0: x0}
 
     def resume(self) -> None:
@@ -165,16 +165,15 @@ class WindowRun:
         """Bring both inputs to the window's first layer; a new stage restarts from layer 0 (so
         does the first step after a resume: inputs are recomputed, never stored)."""
         if step.stage != self.stage:
-            self.stage, self.pos, self.x_fp, self.x_q = step.stage, 0, self.x0, self.x0
+            self.stage, self.pos, self.x_q = step.stage, 0, self.x0
             self.fp_states = {0: self.x0}
             for d in self.qlayers:
                 for q in d.values():
                     q.quant_rate = step.rate
         a = step.window[0]
         if a > self.pos:
-            skipped = self.layers[self.pos:a]
-            self.x_fp = self.teacher_state(a)
-            self.x_q = forward_layers(skipped, self.x_q, self.layer_kwargs, self.amp)
+            self.teacher_state(a)          # the fp states reach the window start before older ones go
+            self.x_q = forward_layers(self.layers[self.pos:a], self.x_q, self.layer_kwargs, self.amp)
             self.pos = a
         for k in [k for k in self.fp_states if k < a]:
             del self.fp_states[k]
