@@ -82,7 +82,8 @@ class QuantConfig:
     # small-budget options (docs/algorithm.md section 11); the defaults are the paper's method
     round_lr: float = 0.0            # per-sample lr of the rounding offset V; 0 = no V
     lwc_param: str = "sigmoid"       # sigmoid: LWC logits (the paper); linear: the clipping factors, in [0.5, 1]
-    lwc_init: str = "none"           # none: logit 4.0 / factor 1.0; search: per-group weight-error grid search
+    lwc_init: str = "none"           # none: logit 4.0 / factor 1.0; search: per-group weight-error grid search;
+                                     # search_act: the same, each column's error weighed by its input's mean square
     lwc_opt: str = "adamw"           # optimizer of the LWC parameters: adamw | sign (p -= lr * sign(grad))
     round_opt: str = "adamw"         # optimizer of V: adamw | sign
     window_loss_samples: int = 0     # loss_before/after of a window on its first N samples; 0 = all of them
@@ -232,8 +233,8 @@ class QuantConfig:
         trains none (rtn, gptq) refuses them rather than ignore them."""
         if self.lwc_param not in ("sigmoid", "linear"):
             raise ValueError(f"lwc_param must be sigmoid or linear, got {self.lwc_param!r}")
-        if self.lwc_init not in ("none", "search"):
-            raise ValueError(f"lwc_init must be none or search, got {self.lwc_init!r}")
+        if self.lwc_init not in ("none", "search", "search_act"):
+            raise ValueError(f"lwc_init must be none, search or search_act, got {self.lwc_init!r}")
         for name in ("lwc_opt", "round_opt"):
             if getattr(self, name) not in ("adamw", "sign"):
                 raise ValueError(f"{name} must be adamw or sign, got {getattr(self, name)!r}")

@@ -27,7 +27,7 @@ class QuantLinear(nn.Module):
                  symmetric: bool = False, abits: int = 16, lora_rank: int = 0,
                  lwc: bool = True, channel_scale: bool = False, lora_scaling: float = 1.0,
                  generator: torch.Generator | None = None, round_offset: bool = False,
-                 lwc_param: str = "sigmoid", lwc_init: str = "none"):
+                 lwc_param: str = "sigmoid", lwc_init: str = "none", input_sq: torch.Tensor | None = None):
         super().__init__()
         out_f, in_f = linear.weight.shape
         self.in_features, self.out_features = in_f, out_f
@@ -42,7 +42,7 @@ class QuantLinear(nn.Module):
         self.lwc_param = lwc_param      # "sigmoid": the LWC parameters are logits; "linear": the factors
         if lwc:
             self.lwc_upper, self.lwc_lower = lwc_params(linear.weight, self.group_size, wbits, symmetric,
-                                                        lwc_param, lwc_init)
+                                                        lwc_param, lwc_init, input_sq)
         else:
             self.lwc_upper = self.lwc_lower = None
         if lora_rank > 0:

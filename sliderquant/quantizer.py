@@ -58,14 +58,18 @@ def lwc_start(lwc_param: str) -> float:
 
 
 def lwc_params(w: torch.Tensor, group_size: int | None, bits: int, symmetric: bool, lwc_param: str = "sigmoid",
-               lwc_init: str = "none") -> tuple[nn.Parameter, nn.Parameter]:
+               lwc_init: str = "none", input_sq: torch.Tensor | None = None) -> tuple[nn.Parameter, nn.Parameter]:
     """The upper and lower LWC parameters (out, n_groups) of weight ``w``: logits (``sigmoid``) or
-    factors (``linear``), at the start value, or (``lwc_init="search"``) at each group's factor from
-    ``search_clipping``."""
+    factors (``linear``), at the start value, or (``lwc_init="search"``, ``"search_act"``) at each
+    group's factor from ``search_clipping``; ``search_act`` weighs each column's error by ``input_sq``,
+    the mean square of that input channel over the calibration tokens."""
     out_f, in_f = w.shape
-    if lwc_init == "search":
+    if lwc_init == "search_act" and input_sq is None:
+        raise ValueError("lwc_init: search_act needs the input channels' mean squares (input_sq)")
+    if lwc_init in ("search", "search_act"):
         start = torch.sigmoid(torch.tensor(LWC_INIT)).item() if lwc_param == "sigmoid" else 1.0
-        factors = search_clipping(w, bits, group_size, symmetric, start)
+        factors = search_clipping(w, bits, group_size, symmetric, start,
+                                  input_sq if lwc_init == "search_act" else None)
         if lwc_param == "sigmoid":    # the start itself keeps the exact logit 4.0
             values = torch.where(factors == start, torch.tensor(LWC_INIT), torch.logit(factors.double()).float())
         else:
@@ -77,13 +81,24 @@ def lwc_params(w: torch.Tensor, group_size: int | None, bits: int, symmetric: bo
 
 @torch.no_grad()
 def search_clipping(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                    start: float = 1.0) -> torch.Tensor:
+                    start: float = 1.0, input_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Per row or group, the clipping factor (applied to both the max and the min) with the smallest
-    weight error ``sum (W_hat - W)^2`` over the grid ``start, start - 0.02, ..., >= 0.6``; float32
-    (out, n_groups).  A tie keeps the larger factor (less clipping)."""
+    weight error ``sum_c (W_hat - W)_c^2`` over the grid ``start, start - 0.02, ..., >= 0.6``; float32
+    (out, n_groups).  A tie keeps the larger factor (less clipping).
+
+    ``input_sq`` (in_features,): weigh column ``c``'s error by it, ``sum_c E[x_c^2] (W_hat - W)_c^2``,
+    the expected output error of the row when input channels are uncorrelated (activation-aware)."""
     out_f, in_f = w.shape
     g = in_f if group_size is None else group_size
     wf = w.detach().float()
+    col = None
+    if input_sq is not None:
+        if input_sq.shape != (in_f,):
+            raise ValueError(f"input_sq must have shape ({in_f},) for a weight of {tuple(w.shape)}, "
+                             f"got {tuple(input_sq.shape)}")
+        col = input_sq.detach().float().to(wf.device)
+        if not torch.isfinite(col).all() or (col < 0).any():
+            raise ValueError("input_sq must be finite and >= 0")
     best_err = torch.full((out_f, in_f // g), float("inf"))
     best = torch.full((out_f, in_f // g), start, dtype=torch.float32)
     k = 0
@@ -91,7 +106,8 @@ def search_clipping(w: torch.Tensor, bits: int, group_size: int | None, symmetri
         factor = torch.full_like(best, start - k * SEARCH_STEP)
         w_hat = ops.fake_quant_weight(wf, bits, group_size, symmetric, lwc_upper=factor, lwc_lower=factor,
                                       lwc_param="linear")
-        err = (w_hat - wf).square().reshape(out_f, -1, g).sum(-1)
+        d2 = (w_hat - wf).square()
+        err = (d2 if col is None else d2 * col).reshape(out_f, -1, g).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, factor, best)

@@ -4,6 +4,7 @@ updates, through the layer, the engine and the resume state; and the guard that 
 run exactly as before these options existed.  The kernels themselves are tested against the reference
 in test_kernels.py."""
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -154,6 +155,70 @@ def test_search_clipping_is_the_grid_argmin():
     want = torch.tensor(grid)[errs.argmin(0)]
     torch.testing.assert_close(got, want)
     assert got.min() < 0.9 and got.max() <= 1.0 and got.min() >= 0.6
+
+
+def test_activation_weighted_search_is_the_weighted_grid_argmin():
+    """Oracle: the reference quantizer at every factor of the grid, each column's squared error
+    weighed by its input mean square, the per-group argmin; a flat weighting is the plain search."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(8, 128, generator=g) * 0.1
+    w[:, 5] *= 8
+    sq = torch.rand(128, generator=g) * 0.1
+    sq[5] = 50.0                                            # the outlier column's input matters most
+    got = search_clipping(w, 3, None, False, 1.0, sq)
+    grid = [1.0 - 0.02 * k for k in range(21)]
+    errs = torch.stack([((reference.fake_quant_weight(w, 3, None, lwc_upper=torch.full((8, 1), f),
+                                                      lwc_lower=torch.full((8, 1), f), lwc_param="linear") - w)
+                         .square() * sq).sum(-1, keepdim=True) for f in grid])
+    want = torch.tensor(grid)[errs.argmin(0)]
+    torch.testing.assert_close(got, want)
+    plain = search_clipping(w, 3, None, False, 1.0)
+    assert got.mean() > plain.mean()                        # clipping the heavy column costs more now
+    torch.testing.assert_close(search_clipping(w, 3, 32, False, 1.0, torch.full((128,), 3.0)),
+                               search_clipping(w, 3, 32, False, 1.0))
+    with pytest.raises(ValueError, match="input_sq must have shape"):
+        search_clipping(w, 3, 32, False, 1.0, torch.ones(64))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        search_clipping(w, 3, 32, False, 1.0, torch.full((128,), float("nan")))
+    with pytest.raises(ValueError, match="needs the input channels"):
+        quant_linear(lwc_param="linear", lwc_init="search_act")
+
+
+def test_input_mean_squares_are_the_linears_inputs():
+    """Oracle: layer 0's linear inputs recomputed by hand from its own submodules (the input norm feeds
+    q/k/v, the post-attention norm of the residual feeds gate/up)."""
+    from sliderquant import models
+    from sliderquant.methods.common import fp32_layer_inputs, input_mean_squares
+    model, ids = tiny_model("llama"), token_ids()
+    with fp32_layer_inputs(model, ids) as (x0, kw):
+        got = input_mean_squares(model, x0, kw, contextlib.nullcontext())
+        layer = models.decoder_layers(model)[0]
+        with torch.no_grad():
+            h = layer.input_layernorm(x0)
+            want_qkv = h.square().reshape(-1, h.shape[-1]).double().mean(0).float()
+            out = models.call_layer(layer, x0, kw)
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        torch.testing.assert_close(got[0][name], want_qkv)
+    n_layers = len(models.decoder_layers(model))
+    assert len(got) == n_layers and set(got[0]) == set(models.layer_linears(model, layer))
+    assert all(torch.isfinite(t).all() and (t > 0).all() for d in got for t in d.values())
+    # the last layer sees the fp states, not layer 0's: its q/k/v inputs differ from layer 0's
+    assert not torch.allclose(got[n_layers - 1]["self_attn.q_proj"], want_qkv)
+    assert out.shape == x0.shape
+    assert not any(m._forward_pre_hooks for m in model.modules())       # the hooks are gone
+
+
+def test_activation_weighted_start_runs_end_to_end():
+    """search_act: a different start from the plain search, folded on the grid; the weighting only
+    changes the start (epochs 0 keeps it, so the codes show it)."""
+    ids = token_ids()
+    runs = {k: sliderquant.quantize(tiny_model("llama"), fast(epochs=0, lwc_param="linear", lwc_init=k), ids)
+            for k in ("search", "search_act")}
+    a, b = (runs[k].sliderquant_state["tensors"] for k in ("search", "search_act"))
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".qweight"))
+    with pytest.raises(ValueError, match="lwc_init must be none, search or search_act"):
+        fast(lwc_init="act")
 
 
 def test_search_start_for_both_parametrisations():

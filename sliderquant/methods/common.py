@@ -42,10 +42,12 @@ def fp32_layer_inputs(model: nn.Module, calibration: torch.Tensor):
 
 
 def wrap_layers(model: nn.Module, cfg, lwc: bool, lora_rank: int, channel_scale: bool = False,
-                round_offset: bool = False) -> list[dict[str, QuantLinear]]:
+                round_offset: bool = False, input_sq: list[dict[str, torch.Tensor]] | None = None
+                ) -> list[dict[str, QuantLinear]]:
     """Swap every linear of every decoder layer for a ``QuantLinear``; one dict per layer.
     ``round_offset``: give each a learnable rounding offset V; with ``lwc``, the clipping parameters
-    follow ``cfg.lwc_param`` and ``cfg.lwc_init`` (``QuantLinear``).
+    follow ``cfg.lwc_param`` and ``cfg.lwc_init`` (``QuantLinear``); ``input_sq`` (per layer, per
+    linear: its input channels' mean squares, ``input_mean_squares``) weighs the ``search_act`` start.
 
     LoRA factors are drawn from a generator seeded by (seed, layer, linear), never from the
     global RNG, so a resumed run draws the same ones."""
@@ -59,7 +61,8 @@ def wrap_layers(model: nn.Module, cfg, lwc: bool, lora_rank: int, channel_scale:
             ql = QuantLinear(lin, cfg.wbits, cfg.group_size, cfg.symmetric, cfg.abits,
                              lora_rank=lora_rank, lwc=lwc, channel_scale=channel_scale,
                              lora_scaling=cfg.lora_alpha / max(lora_rank, 1), generator=gen,
-                             round_offset=round_offset, lwc_param=cfg.lwc_param, lwc_init=cfg.lwc_init)
+                             round_offset=round_offset, lwc_param=cfg.lwc_param, lwc_init=cfg.lwc_init,
+                             input_sq=None if input_sq is None else input_sq[i][name])
             ql.to(lin.weight.device)
             models.set_submodule(layer, name, ql)
             qls[name] = ql
@@ -92,6 +95,37 @@ def teacher_mode(qlayers):
     finally:
         for q in qls:
             q.quantize = True
+
+
+@torch.no_grad()
+def input_mean_squares(model: nn.Module, x: torch.Tensor, layer_kwargs: dict, amp) -> list[dict[str, torch.Tensor]]:
+    """Per decoder layer and linear, the mean square of each input channel (float32, in_features)
+    over every token of ``x`` run through the model's full-precision layers (the teacher's inputs;
+    what ``lwc_init: search_act`` weighs the clipping error by).  One no-grad pass, in the chunks of
+    ``forward_layers``."""
+    layers = models.decoder_layers(model)
+    sums: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+    counts: list[dict[str, int]] = [{} for _ in layers]
+    hooks = []
+
+    def hook(i, name):
+        def record(_mod, args):
+            a = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            s = a.square().sum(0, dtype=torch.float64)
+            sums[i][name] = sums[i][name] + s if name in sums[i] else s
+            counts[i][name] = counts[i].get(name, 0) + a.shape[0]
+        return record
+    for i, layer in enumerate(layers):
+        for name, lin in models.layer_linears(model, layer).items():
+            if isinstance(lin, QuantLinear):
+                raise RuntimeError("this model is already quantized by sliderquant")
+            hooks.append(lin.register_forward_pre_hook(hook(i, name)))
+    try:
+        forward_layers(layers, x, layer_kwargs, amp)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [{name: (s / counts[i][name]).float() for name, s in d.items()} for i, d in enumerate(sums)]
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ from .. import models
 from ..checkpoint import WorkDir, fingerprint
 from ..progress import Progress
 from ..schedule import Window, explicit_windows, format_windows, single_layer_windows, sliding_windows
-from .common import attach_state, fp32_layer_inputs, forward_layers, teacher_mode, wrap_layers
+from .common import attach_state, fp32_layer_inputs, forward_layers, input_mean_squares, teacher_mode, wrap_layers
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,11 @@ class WindowRun:
     def __init__(self, model, cfg, plan: WindowPlan, x0, layer_kwargs, work: WorkDir | None):
         self.model, self.cfg, self.plan, self.work = model, cfg, plan, work
         self.layers = models.decoder_layers(model)
-        self.qlayers = wrap_layers(model, cfg, lwc=True, lora_rank=plan.lora_rank,
-                                   channel_scale=cfg.scale_lr > 0, round_offset=cfg.round_lr > 0)
-        self.x0, self.layer_kwargs = x0, layer_kwargs
         self.amp = autocast_context(cfg, x0.device)
+        input_sq = input_mean_squares(model, x0, layer_kwargs, self.amp) if cfg.lwc_init == "search_act" else None
+        self.qlayers = wrap_layers(model, cfg, lwc=True, lora_rank=plan.lora_rank, channel_scale=cfg.scale_lr > 0,
+                                   round_offset=cfg.round_lr > 0, input_sq=input_sq)
+        self.x0, self.layer_kwargs = x0, layer_kwargs
         self.steps = [Step(s, rate, k, w) for s, rate in enumerate(plan.rates)
                       for k, w in enumerate(plan.windows)]
         self.done, self.table = 0, []
