@@ -109,3 +109,20 @@ def test_group_size_uses_the_shared_check():
         check_group_size(-4)
     assert str(ours.value) == str(shared.value)
     assert QuantConfig(group_size=64).group_size == 64 and QuantConfig(group_size=None).group_size is None
+
+
+def test_fast_presets_load_with_their_setting_and_the_budget_recipe():
+    """configs/fast/: each file's bits and groups match its name, and each carries the measured
+    small-budget recipe (docs/design/small-budget.md section 8); the paper presets carry none of it."""
+    want = {"w3a16g64": (3, 64), "w2a16g64": (2, 64), "w4a16": (4, None), "w4a16g128": (4, 128)}
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "fast", "*.yaml")))
+    assert {os.path.basename(p)[:-5] for p in paths} == set(want)
+    for p in paths:
+        c = QuantConfig.from_yaml(p)
+        assert (c.wbits, c.group_size) == want[os.path.basename(p)[:-5]], p
+        assert (c.method, c.abits, c.lwc_param, c.lwc_init, c.lwc_opt, c.round_opt) == (
+            "sliderquant", 16, "linear", "search_act", "sign", "sign"), p
+        assert c.round_lr > 0 and sum(c.epochs_per_stage) == c.epochs and (c.nsamples, c.seqlen) == (32, 256), p
+    for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")):
+        c = QuantConfig.from_yaml(p)
+        assert (c.round_lr, c.lwc_param, c.lwc_init, c.epochs_per_stage) == (0.0, "sigmoid", "none", None), p
