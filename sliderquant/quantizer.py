@@ -99,8 +99,8 @@ def search_clipping(w: torch.Tensor, bits: int, group_size: int | None, symmetri
         col = input_sq.detach().float().to(wf.device)
         if not torch.isfinite(col).all() or (col < 0).any():
             raise ValueError("input_sq must be finite and >= 0")
-    best_err = torch.full((out_f, in_f // g), float("inf"))
-    best = torch.full((out_f, in_f // g), start, dtype=torch.float32)
+    best_err = torch.full((out_f, in_f // g), float("inf"), device=wf.device)
+    best = torch.full((out_f, in_f // g), start, dtype=torch.float32, device=wf.device)
     k = 0
     while start - k * SEARCH_STEP >= SEARCH_MIN - 1e-9:
         factor = torch.full_like(best, start - k * SEARCH_STEP)
