@@ -393,7 +393,7 @@ def test_config_lwc_options():
     QuantConfig(lwc_param="linear", lwc_init="search")
     with pytest.raises(ValueError, match="lwc_param must be sigmoid or linear"):
         QuantConfig(lwc_param="tanh")
-    with pytest.raises(ValueError, match="lwc_init must be none or search"):
+    with pytest.raises(ValueError, match="lwc_init must be none, search or search_act"):
         QuantConfig(lwc_init=True)
     with pytest.raises(ValueError, match="lwc_param: 'linear', lwc_init: 'search' only act on methods"):
         QuantConfig(method="gptq", lwc_param="linear", lwc_init="search")
