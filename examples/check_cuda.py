@@ -10,10 +10,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import sliderquant
 from test_models import tiny_model, token_ids
 from conftest import fast_config
-from sliderquant.methods.common import fp32_layer_inputs, input_mean_squares
 if not torch.cuda.is_available():
     sys.exit("check_cuda.py needs a CUDA build of torch and a GPU (torch.cuda.is_available() is False)")
-print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0))
 ids = token_ids()
 kw = dict(round_lr=0.01, lwc_param="linear", lwc_init="search_act", lwc_opt="sign", round_opt="sign",
           lwc_lr=0.005, autocast="fp32")
@@ -31,9 +30,8 @@ for dev in ("cpu", "cuda"):
         logits = q(ids.to(dev)).logits.float().cpu()
     res[dev]["logits"] = logits
     print(dev, "ok", round(time.time() - t, 1), "s", "tensors", len(st), "device of first", next(iter(st.values())).device)
-if len(res) == 2:
-    a, b = res["cpu"], res["cuda"]
-    codes = [k for k in a if k.endswith(".qweight")]
-    diff = sum(int((a[k] != b[k]).sum()) for k in codes); tot = sum(a[k].numel() for k in codes)
-    print("codes differing cpu vs cuda:", diff, "of", tot)
-    print("max |logit diff|:", float((a["logits"] - b["logits"]).abs().max()), "logit scale", float(a["logits"].abs().max()))
+a, b = res["cpu"], res["cuda"]
+codes = [k for k in a if k.endswith(".qweight")]
+diff = sum(int((a[k] != b[k]).sum()) for k in codes); tot = sum(a[k].numel() for k in codes)
+print("codes differing cpu vs cuda:", diff, "of", tot)
+print("max |logit diff|:", float((a["logits"] - b["logits"]).abs().max()), "logit scale", float(a["logits"].abs().max()))

@@ -185,8 +185,8 @@ def test_activation_weighted_search_is_the_weighted_grid_argmin():
 
 
 def test_input_mean_squares_are_the_linears_inputs():
-    """Oracle: layer 0's linear inputs recomputed by hand from its own submodules (the input norm feeds
-    q/k/v, the post-attention norm of the residual feeds gate/up)."""
+    """Oracles: layer 0's q/k/v input recomputed by hand from its input norm; every linear's input as the
+    model's own (transformers) forward of the same tokens feeds it, caught by this test's hooks."""
     from sliderquant import models
     from sliderquant.methods.common import fp32_layer_inputs, input_mean_squares
     model, ids = tiny_model("llama"), token_ids()
@@ -196,16 +196,26 @@ def test_input_mean_squares_are_the_linears_inputs():
         with torch.no_grad():
             h = layer.input_layernorm(x0)
             want_qkv = h.square().reshape(-1, h.shape[-1]).double().mean(0).float()
-            out = models.call_layer(layer, x0, kw)
+    assert not any(m._forward_pre_hooks for m in model.modules())       # the hooks are gone
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
         torch.testing.assert_close(got[0][name], want_qkv)
+    seen, hooks = {}, []
+    for i, lay in enumerate(models.decoder_layers(model)):
+        for name, lin in models.layer_linears(model, lay).items():
+            hooks.append(lin.register_forward_pre_hook(
+                lambda _m, args, key=(i, name): seen.__setitem__(key, args[0].detach().double())))
+    with torch.no_grad():
+        model.float()(ids)
+    for h in hooks:
+        h.remove()
     n_layers = len(models.decoder_layers(model))
     assert len(got) == n_layers and set(got[0]) == set(models.layer_linears(model, layer))
-    assert all(torch.isfinite(t).all() and (t > 0).all() for d in got for t in d.values())
+    for (i, name), a in seen.items():
+        torch.testing.assert_close(got[i][name], a.reshape(-1, a.shape[-1]).square().mean(0).float(),
+                                   rtol=1e-4, atol=1e-6)
+    assert len(seen) == sum(len(d) for d in got)
     # the last layer sees the fp states, not layer 0's: its q/k/v inputs differ from layer 0's
     assert not torch.allclose(got[n_layers - 1]["self_attn.q_proj"], want_qkv)
-    assert out.shape == x0.shape
-    assert not any(m._forward_pre_hooks for m in model.modules())       # the hooks are gone
 
 
 def test_activation_weighted_start_runs_end_to_end():

@@ -105,27 +105,23 @@ def input_mean_squares(model: nn.Module, x: torch.Tensor, layer_kwargs: dict, am
     ``forward_layers``."""
     layers = models.decoder_layers(model)
     sums: list[dict[str, torch.Tensor]] = [{} for _ in layers]
-    counts: list[dict[str, int]] = [{} for _ in layers]
     hooks = []
 
     def hook(i, name):
         def record(_mod, args):
-            a = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            s = a.square().sum(0, dtype=torch.float64)
+            s = args[0].detach().float().reshape(-1, args[0].shape[-1]).square().sum(0, dtype=torch.float64)
             sums[i][name] = sums[i][name] + s if name in sums[i] else s
-            counts[i][name] = counts[i].get(name, 0) + a.shape[0]
         return record
     for i, layer in enumerate(layers):
         for name, lin in models.layer_linears(model, layer).items():
-            if isinstance(lin, QuantLinear):
-                raise RuntimeError("this model is already quantized by sliderquant")
             hooks.append(lin.register_forward_pre_hook(hook(i, name)))
     try:
         forward_layers(layers, x, layer_kwargs, amp)
     finally:
         for h in hooks:
             h.remove()
-    return [{name: (s / counts[i][name]).float() for name, s in d.items()} for i, d in enumerate(sums)]
+    tokens = x.shape[0] * x.shape[1]        # every linear of a dense layer sees every token once
+    return [{name: (s / tokens).float() for name, s in d.items()} for d in sums]
 
 
 @torch.no_grad()
